@@ -1,0 +1,26 @@
+"""GPT-MoE on DeepSpeed: launcher, model, data tooling."""
+from setuptools import find_packages, setup
+
+setup(
+    name="gptmoe-toolkit",
+    version="0.1.0",
+    description="Train GPT Mixture-of-Experts language models on DeepSpeed from positional launch scripts",
+    python_requires=">=3.10",
+    packages=find_packages(include=["launcher", "launcher.*", "model", "model.*"]),
+    install_requires=[
+        # torch is installed first and pinned by `make setup` where none is present;
+        # a range here keeps an existing CUDA build on cluster images.
+        "torch>=2.1",
+        "deepspeed>=0.14",
+        "transformers>=4.40",
+        "datasets>=2.18",
+        "tokenizers>=0.15",
+        "safetensors>=0.4",
+        "jieba>=0.42",
+        "pyyaml>=6.0",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "tensorboard>=2.14",
+    ],
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"]},
+)
