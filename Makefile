@@ -1,0 +1,29 @@
+# `make demo` trains and samples a tiny GPT-MoE on the embedded corpus; `make test` runs the suite.
+# Both set themselves up: a .venv in the repo root, created once and reused.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup test demo clean-venv
+
+setup: $(STAMP)
+
+# Re-runs only when setup.py changes; a second `make setup` is a no-op.
+$(STAMP): setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# Keep an existing torch (e.g. a CUDA build on a cluster image); otherwise pin a CPU-sized one
+	@# first, so no dependency's range pulls a multi-GB CUDA build.
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+test: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
+
+demo: setup
+	bash examples/demo.sh
+
+clean-venv:
+	rm -rf $(VENV)
