@@ -1,0 +1,90 @@
+"""`python -m launcher MODE GPUS_PER_NODE ... SAVE_INTERVAL [--flags]`: validate, write configs, launch.
+
+The positional bash scripts under examples/megatron/ hand everything here.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from launcher.cli import USAGE, build_run_config
+from launcher.cluster import format_command, launch_command
+from launcher.ds_config import build_ds_config, check_ds_config
+from launcher.dryrun import summary
+from launcher.errors import UsageError
+from launcher.files import write_json_atomic
+
+
+@contextmanager
+def _file_lock(path: Path):
+    """Serialises corpus preparation between launchers on one machine (several 'nodes' in a test)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def prepare_data(cfg) -> None:
+    """With no DATA_PATH, tokenize the embedded corpus (the Python standard library) once, before any rank starts."""
+    if cfg.data_path:
+        return
+    from launcher.data.stdlib_corpus import build_stdlib_corpus
+
+    out = cfg.default_data_dir
+    with _file_lock(out.parent / f".{out.name}.lock"):
+        build_stdlib_corpus(out, tokenizer_kind=cfg.tokenizer, vocab_size=cfg.vocab_size)
+
+
+def tokenizer_vocab_size(cfg) -> int | None:
+    """The vocabulary of the run's tokenizer when it exists already; else None (the configured size is used)."""
+    path = Path(cfg.resolved_tokenizer_path)
+    if not path.exists():
+        return None
+    from launcher.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(path), kind=cfg.tokenizer).vocab_size
+
+
+def resolve(argv: list[str], env) -> tuple:
+    cfg = build_run_config(argv, env)
+    if cfg.mode == "run":
+        prepare_data(cfg)
+    try:
+        mcfg = cfg.model_config(tokenizer_vocab_size(cfg))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    ds = build_ds_config(cfg)
+    check_ds_config(ds)
+    return cfg, mcfg, ds
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    try:
+        cfg, mcfg, ds = resolve(argv, os.environ)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run_config_path = cfg.run_dir / "run_config.json"
+    ds_path = cfg.run_dir / "ds_config.json"
+    command, env = launch_command(cfg, ["--run-config", str(run_config_path)])
+    # Everything is validated above: only now is anything written.
+    cfg.save(run_config_path)
+    write_json_atomic(ds, ds_path)
+    print(summary(cfg, mcfg, str(ds_path), format_command(command, env)), flush=True)
+    if cfg.mode == "dryrun":
+        return 0
+    os.execvpe(command[0], command, {**os.environ, **env})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The resolved-settings block that `dryrun` prints (and `run` prints before it starts)."""
+from __future__ import annotations
+
+from launcher.config import ROUTERS
+from launcher.memory import GIB, estimate_memory
+
+
+def _count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(int(n))
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def summary(cfg, mcfg, ds_path: str, command: str) -> str:
+    """cfg: RunConfig; mcfg: its GPTMoEConfig; ds_path: the written DeepSpeed JSON; command: the launch line."""
+    counts = mcfg.param_counts()
+    moe_layers = mcfg.moe_layer_indices()
+    lines = [f"run          {cfg.run_name}  ({cfg.mode})",
+             f"model        {cfg.model_size}: {mcfg.num_layers} layers, hidden {mcfg.hidden_size}, "
+             f"{mcfg.num_heads} heads, ffn {mcfg.ffn_hidden_size}, seq {cfg.seq_len}, vocab {mcfg.vocab_size}"]
+    if cfg.num_experts:
+        lines.append(
+            f"  experts    {cfg.num_experts} per MoE layer on {len(moe_layers)} of {mcfg.num_layers} layers "
+            f"({', '.join(map(str, moe_layers))}), router {cfg.router_type} = {ROUTERS[cfg.router_type]}, "
+            f"capacity factor {cfg.capacity_factor:g} train / {cfg.eval_capacity_factor:g} eval, "
+            f"min capacity {cfg.min_capacity}, token dropping {'on' if cfg.drop_tokens else 'off'}, "
+            f"aux loss coef {cfg.aux_loss_coef:g}" + (", residual (PR-MoE)" if cfg.use_residual else ""))
+    else:
+        lines.append("  experts    none (dense)")
+    lines.append(f"  params     total {_count(counts['total'])} ({counts['total']:,}), active per token "
+                 f"{_count(counts['active'])} ({counts['active']:,}), experts {_count(counts['expert'])}")
+    lines += [
+        f"parallelism  world {cfg.world_size} = {cfg.num_nodes} node(s) x {cfg.gpus_per_node} process(es) "
+        f"[{cfg.device}]; data-parallel {cfg.dp_size}, expert-parallel {cfg.ep_size}, "
+        f"sequence-parallel {cfg.sp_size}",
+        f"batch        micro {cfg.micro_batch}, accumulation {cfg.grad_accum}, global {cfg.global_batch} sequences "
+        f"x {cfg.seq_len} = {cfg.tokens_per_iter:,} tokens",
+        f"schedule     {cfg.train_iters:,} iterations ({_count(cfg.train_tokens)} tokens), warm-up "
+        f"{cfg.warmup_iters:,} iterations, lr {cfg.lr:g} -> {cfg.min_lr:g} {cfg.lr_decay}, seed {cfg.seed}",
+        f"precision    {cfg.precision}",
+        f"zero         stage {cfg.zero_stage}" + (", optimizer offloaded to CPU" if cfg.offload == "cpu" else ""),
+        f"recompute    {cfg.recompute}",
+        f"checkpoints  every {cfg.save_interval:,} iterations -> {cfg.run_dir / 'checkpoints'}"
+        + (f"; resume from {cfg.load}" if cfg.load else ""),
+        f"paths        data {cfg.resolved_data_path} (split {cfg.split}); tokenizer {cfg.resolved_tokenizer_path}",
+        f"             run dir {cfg.run_dir}; deepspeed config {ds_path}",
+    ]
+    mem = estimate_memory(cfg, mcfg)
+    lines.append(
+        f"memory       per process: weights {_gib(mem.weights)} + gradients {_gib(mem.gradients)} + optimizer "
+        f"{_gib(mem.optimizer)} + activations {_gib(mem.activations)} + overhead {_gib(mem.overhead)} "
+        f"= {_gib(mem.total)} of {_gib(mem.device_total)} ({mem.device_name}): "
+        + ("fits" if mem.fits else "DOES NOT FIT"))
+    if mem.host_offload:
+        lines.append(f"             host memory for ZeRO-Offload: {_gib(mem.host_offload)} per process")
+    lines.append(f"launch       {command}")
+    return "\n".join(lines)

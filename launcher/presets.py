@@ -1,0 +1,40 @@
+"""The training side of the size table: learning rates, global batch and default lengths per size.
+
+The architecture side (layers, hidden, heads) lives in `model.config.SIZES`; both tables share names.
+"""
+from dataclasses import dataclass
+
+# Tokens per public default training run, by tokenizer (WuDao for jiebabpe, the Pile for gpt2bpe).
+TRAIN_TOKENS = {"jiebabpe": 100_000_000_000, "gpt2bpe": 300_000_000_000}
+WARMUP_TOKENS = {"jiebabpe": 125_000_000, "gpt2bpe": 375_000_000}
+# Vocabulary a tokenizer of each kind is trained to by default (padded up to a multiple of 128 by the model).
+VOCAB_SIZE = {"jiebabpe": 50_000, "gpt2bpe": 50_257}
+
+
+@dataclass(frozen=True)
+class TrainPreset:
+    lr: float
+    min_lr: float
+    global_batch_tokens: int
+    seq_len: int = 2048
+    # Only the tiny CPU sizes override these: their runs are minutes, not months.
+    train_tokens: int | None = None
+    warmup_tokens: int | None = None
+    vocab_size: int | None = None
+
+
+PRESETS: dict[str, TrainPreset] = {
+    "0.125B": TrainPreset(6e-4, 6e-5, 524_288),
+    "0.35B": TrainPreset(3e-4, 3e-5, 524_288),
+    "0.76B": TrainPreset(2.5e-4, 2.5e-5, 524_288),
+    "1.3B": TrainPreset(2e-4, 2e-5, 1_048_576),
+    "2.7B": TrainPreset(1.6e-4, 1.6e-5, 1_048_576),
+    "3.6B": TrainPreset(1.6e-4, 1.6e-5, 1_048_576),
+    "6.7B": TrainPreset(1.2e-4, 1.2e-5, 2_097_152),
+    "13B": TrainPreset(1.0e-4, 1.0e-5, 2_097_152),
+    # CPU sizes: `nano` for tests (seconds), `tiny` for the demo (minutes).
+    "nano": TrainPreset(1e-3, 1e-4, 8 * 64, seq_len=64, train_tokens=20 * 8 * 64,
+                        warmup_tokens=2 * 8 * 64, vocab_size=512),
+    "tiny": TrainPreset(2e-3, 2e-4, 16 * 128, seq_len=128, train_tokens=300 * 16 * 128,
+                        warmup_tokens=20 * 16 * 128, vocab_size=4096),
+}
