@@ -53,6 +53,9 @@ def tokenizer_vocab_size(cfg) -> int | None:
 
 def resolve(argv: list[str], env) -> tuple:
     cfg = build_run_config(argv, env)
+    if cfg.device == "cpu":
+        # Tell DeepSpeed up front (here and in the launched processes) instead of letting it guess and warn.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if cfg.mode == "run":
         prepare_data(cfg)
     try:

@@ -91,6 +91,8 @@ def launch_command(cfg, entry_args: list[str], module: str = "launcher.pretrain"
     """(argv, extra environment) that start `python -m module *entry_args` on every process of this node."""
     env = {"MASTER_ADDR": cfg.master_addr, "MASTER_PORT": str(cfg.master_port),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(cpu_threads_per_process(cfg.gpus_per_node))}
+    if cfg.device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
     if cfg.hostfile:
         argv = ["deepspeed", "--hostfile", cfg.hostfile, "--num_gpus", str(cfg.gpus_per_node),
                 "--master_addr", cfg.master_addr, "--master_port", str(cfg.master_port), "--module", module]

@@ -289,7 +289,8 @@ class RunConfig:
         write_json_atomic(self.to_dict(), path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "RunConfig":
+    def read(cls, path: str | os.PathLike) -> "RunConfig":
+        """The RunConfig a launcher saved (`run_config.json`). (Not `load`: that is the LOAD setting.)"""
         data = json.loads(Path(path).read_text())
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known

@@ -133,7 +133,7 @@ def test_bad_positional_gives_one_line_and_exit_2(clean_env, capsys, position, v
     ({"EP_SIZE": "3"}, "EP_SIZE: got 3; allowed: a divisor of the expert count MOE=8"),
     ({"EP_SIZE": "4"}, "EP_SIZE: got 4; allowed: a divisor of the world size 2"),
     ({"GLOBAL_BATCH_SIZE": "7"}, "GLOBAL_BATCH_SIZE: got 7 sequences; allowed: a multiple of micro batch x "
-                                 "data-parallel size = 1 x 2 = 2"),
+                                 "data-parallel size = 2 x 1 = 2"),
     ({"SEQ_LEN": "63", "GLOBAL_BATCH_SIZE": "8"}, "SP: got 2; allowed: a divisor of SEQ_LEN=63"),
     ({"PRECISION": "fp8"}, "PRECISION: got 'fp8'; allowed: fp32 | bf16 | fp16"),
     ({"OFFLOAD": "nvme"}, "OFFLOAD: got 'nvme'; allowed: none | cpu"),

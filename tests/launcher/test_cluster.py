@@ -77,7 +77,7 @@ def test_missing_hostfile():
 
 def test_slurm_variables():
     env = {"SLURM_NNODES": "3", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu[07-08],head1",
-           "WORLD_SIZE": "24"}  # srun's WORLD_SIZE-like variables must not be mistaken for DLC's
+           "WORLD_SIZE": "24", "GLOBAL_BATCH_SIZE": "48"}  # a stray WORLD_SIZE must not be read as DLC's
     cfg = config(8, env)
     assert (cfg.num_nodes, cfg.node_rank, cfg.master_addr, cfg.world_size) == (3, 2, "gpu07", 24)
 
