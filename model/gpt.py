@@ -1,0 +1,299 @@
+"""The GPT-MoE decoder: pre-LayerNorm blocks, causal SDPA attention, learned positions, tied embeddings.
+
+Shape suffixes / comments: B batch, T new tokens, S keys (cached + new), C model dim, H heads, Dh head dim,
+V vocabulary.
+
+Single-device code. Parallelism comes in from outside: the expert-parallel group through DeepSpeed
+(`MoE.set_deepspeed_parallelism`) or `model.parallel.set_expert_parallel_group`, and DeepSpeed-Ulysses
+sequence parallelism by wrapping each block's `attn.core` (`model.parallel.apply_sequence_parallel`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import GPTMoEConfig
+from .moe.layer import MLP, MoELayer, MoEOutput
+
+
+class KVCache:
+    """Past keys and values per layer, (B, H, S, Dh): the layout and `update` signature of transformers'
+    DynamicCache, so attention takes either."""
+
+    def __init__(self):
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+
+    def update(self, k: Tensor, v: Tensor, layer_idx: int, cache_kwargs=None) -> tuple[Tensor, Tensor]:
+        if layer_idx == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], k], dim=2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], v], dim=2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.keys[layer_idx].shape[2] if layer_idx < len(self.keys) else 0
+
+
+class AttentionCore(nn.Module):
+    """softmax(q k^T / sqrt(Dh)) v on (B, T, H, Dh) tensors: the part DeepSpeed-Ulysses wraps
+    (`DistributedAttention(core, sp_group, scatter_idx=2, gather_idx=1)` with batch_dim_idx=0)."""
+
+    def __init__(self, dropout: float):
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+                is_causal: bool = True) -> Tensor:
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal and attn_mask is None)
+        return y.transpose(1, 2)  # (B, T, H, Dh)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTMoEConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.proj.scaled_init = True
+        self.core = AttentionCore(config.dropout)
+        self.recompute_core = config.recompute == "sel"
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, cache=None) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, c // self.num_heads).unbind(2)  # (B, T, H, Dh)
+        if cache is not None:
+            k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)  # (B, H, S, Dh)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if self.recompute_core and self.training and torch.is_grad_enabled():
+            # Selective recompute: keep only q, k, v; rebuild the attention core in backward.
+            y = checkpoint(self.core, q, k, v, attn_mask, is_causal, use_reentrant=False)
+        else:
+            y = self.core(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.proj(y.reshape(b, t, c))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer layer; its feed-forward part is a dense MLP or a MoE layer."""
+
+    def __init__(self, config: GPTMoEConfig, layer_idx: int, num_experts: int = 0, ep_rank: int = 0):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.is_moe = num_experts > 0
+        if self.is_moe:
+            self.mlp = MoELayer(config, num_experts, ep_rank=ep_rank)
+        else:
+            self.mlp = MLP(config.hidden_size, config.ffn_hidden_size, bias=True)
+            self.mlp.fc2.scaled_init = True
+        self.drop = nn.Dropout(config.dropout)
+        self.recompute_layer = config.recompute == "full"
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = True, cache=None):
+        if self.recompute_layer and self.training and torch.is_grad_enabled() and cache is None:
+            # Full recompute: keep only the layer input; torch.utils.checkpoint restores the RNG state, so
+            # dropout, router jitter and random token selection replay identically.
+            return checkpoint(self._forward, x, attn_mask, is_causal, None, use_reentrant=False)
+        return self._forward(x, attn_mask, is_causal, cache)
+
+    def _forward(self, x: Tensor, attn_mask, is_causal, cache) -> tuple[Tensor, MoEOutput | None]:
+        x = x + self.drop(self.attn(self.ln1(x), attn_mask, is_causal, cache))
+        h = self.ln2(x)
+        if self.is_moe:
+            moe = self.mlp(h)
+            return x + self.drop(moe.hidden), moe
+        return x + self.drop(self.mlp(h)), None
+
+
+@dataclass
+class GPTMoEOutput:
+    logits: Tensor  # (B, T, V)
+    loss: Tensor | None  # LM cross-entropy, mean over labels != -100
+    aux_loss: Tensor  # aux_loss_coef * sum over MoE layers of the balancing loss (0 for dense)
+    z_loss: Tensor  # z_loss_coef * sum over MoE layers of the router z-loss
+    # per MoE layer: layer index, expert_counts (E,), dropped_fraction, aux_loss and z_loss (unweighted)
+    moe_stats: list[dict] = field(default_factory=list)
+    past_key_values: object | None = None
+
+    @property
+    def total_loss(self) -> Tensor | None:
+        """What training minimises: LM loss + weighted balancing loss + weighted z-loss."""
+        return None if self.loss is None else self.loss + self.aux_loss + self.z_loss
+
+
+def default_ep_rank(ep_size: int) -> int:
+    """This process's rank in its expert-parallel group under DeepSpeed's default layout, where groups are
+    blocks of consecutive ranks ([0..ep-1], [ep..2ep-1], ...); 0 without torch.distributed."""
+    if ep_size > 1 and dist.is_available() and dist.is_initialized():
+        return dist.get_rank() % ep_size
+    return 0
+
+
+class GPTMoE(nn.Module):
+    """GPT decoder with MoE feed-forward layers every `config.moe_layer_interval` layers.
+
+    forward(input_ids, labels=None, ...) -> GPTMoEOutput. `labels` are already aligned with the inputs:
+    the pretraining loop passes input_ids = sample[:, :-1] and labels = sample[:, 1:], and no shift happens
+    here (the Hugging Face wrapper in model/hf.py shifts, as transformers does). Labels of -100 are ignored.
+
+    `ep_rank` places this process's slice of the experts; by default it follows DeepSpeed's layout
+    (`default_ep_rank`). Parameter names do not depend on it: local expert i of rank r is global expert
+    r * E_local + i, which is how DeepSpeed numbers its per-expert checkpoint files.
+    """
+
+    def __init__(self, config: GPTMoEConfig, ep_rank: int | None = None):
+        super().__init__()
+        self.config = config
+        ep_rank = default_ep_rank(config.ep_size) if ep_rank is None else ep_rank
+        experts = dict(zip(config.moe_layer_indices(), config.experts_per_moe_layer()))
+        self.wte = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+        self.wpe = nn.Embedding(config.seq_len, config.hidden_size)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i, experts.get(i, 0), ep_rank) for i in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # Tied: logits use wte's weight directly, so the state dict holds it once (safetensors-friendly).
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.padded_vocab_size,
+                                                                    bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2/Megatron init: N(0, init_std) weights, zero biases, output projections of each residual
+        branch scaled by 1/sqrt(2 * layers)."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, out_std if getattr(m, "scaled_init", False) else std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for layer in self.moe_layers():
+            layer.reset_parameters(std, out_std)
+
+    def moe_layers(self) -> list[MoELayer]:
+        """MoE layers in module order: the order DeepSpeed numbers them in checkpoint file names."""
+        return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, position_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None, past_key_values=None, use_cache: bool = False) -> GPTMoEOutput:
+        """input_ids (B, T). position_ids (B or 1, T): defaults to past..past+T-1; sequence parallelism
+        passes each rank's offsets. attention_mask (B, S): 1 for real tokens, 0 for padding (optional).
+        past_key_values: a KVCache (or transformers Cache) to extend; created when use_cache is set."""
+        b, t = input_ids.shape
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = KVCache()
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=input_ids.device).unsqueeze(0)
+        if t and int(position_ids.max()) >= self.config.seq_len:
+            raise ValueError(f"position {int(position_ids.max())} is past the model's seq_len={self.config.seq_len}")
+        attn_mask, is_causal = self._attention_mask(attention_mask, past, t, input_ids.device)
+
+        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)
+        moe_outputs: list[tuple[int, MoEOutput]] = []
+        for i, block in enumerate(self.blocks):
+            x, moe = block(x, attn_mask, is_causal, cache)
+            if moe is not None:
+                moe_outputs.append((i, moe))
+        x = self.ln_f(x)
+        weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, weight)  # (B, T, V_padded)
+        if weight.shape[0] != self.config.vocab_size:
+            logits = logits[..., :self.config.vocab_size]
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=-100)
+        zero = x.new_zeros((), dtype=torch.float32)
+        aux = sum((m.aux_loss for _, m in moe_outputs), zero) * self.config.aux_loss_coef
+        z = sum((m.z_loss for _, m in moe_outputs), zero) * self.config.z_loss_coef
+        stats = [{"layer": i, "expert_counts": m.expert_counts, "dropped_fraction": m.dropped_fraction,
+                  "aux_loss": m.aux_loss.detach(), "z_loss": m.z_loss.detach()} for i, m in moe_outputs]
+        return GPTMoEOutput(logits, loss, aux, z, stats, cache if use_cache or past_key_values is not None else None)
+
+    @staticmethod
+    def _attention_mask(attention_mask: Tensor | None, past: int, t: int, device) -> tuple[Tensor | None, bool]:
+        """(mask, is_causal) for SDPA: no mask on the plain causal path, so SDPA can use its fused kernels."""
+        if attention_mask is None and past == 0:
+            return None, True
+        if attention_mask is None and t == 1:
+            return None, False  # one new token sees every cached one
+        s = past + t
+        q_pos = torch.arange(past, s, device=device)[:, None]
+        k_pos = torch.arange(s, device=device)[None, :]
+        allowed = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+        if attention_mask is not None:
+            keys = attention_mask[:, None, None, :s].bool()  # (B, 1, 1, S)
+            # A padding query still sees itself, so no row is empty (an empty row would give NaN).
+            allowed = allowed & (keys | (k_pos == q_pos))
+        return allowed, False
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_id: int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Sample up to max_new_tokens after input_ids (B, T) with a KV cache; returns (B, T + new).
+
+        temperature 0 is greedy. top_k keeps the k likeliest tokens, top_p the smallest set whose
+        probability reaches p. A sequence that emits eos_id is padded with eos_id after it; generation
+        stops when all have. Runs in eval mode (deterministic, dropless routing), restoring the mode after.
+        """
+        if input_ids.shape[1] + max_new_tokens > self.config.seq_len:
+            raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"seq_len={self.config.seq_len}")
+        was_training = self.training
+        self.eval()
+        try:
+            cache = KVCache()
+            logits = self(input_ids, past_key_values=cache).logits[:, -1]
+            tokens = input_ids
+            finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            for step in range(max_new_tokens):
+                nxt = sample_next(logits, temperature, top_k, top_p, generator)
+                if eos_id is not None:
+                    nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
+                    finished |= nxt == eos_id
+                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+                if (eos_id is not None and bool(finished.all())) or step + 1 == max_new_tokens:
+                    break
+                logits = self(nxt[:, None], past_key_values=cache).logits[:, -1]
+            return tokens
+        finally:
+            self.train(was_training)
+
+
+def sample_next(logits_BV: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """One token per row from logits (B, V): greedy at temperature 0, else softmax sampling after top-k/top-p."""
+    if temperature <= 0:
+        return logits_BV.argmax(dim=-1)
+    logits_BV = logits_BV.float() / temperature
+    if top_k is not None and top_k < logits_BV.shape[-1]:
+        kth = logits_BV.topk(top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = logits_BV.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # keeps the token that crosses p
+        logits_BV = logits_BV.masked_fill(drop_sorted.scatter(1, sorted_idx, drop_sorted), float("-inf"))
+    probs = logits_BV.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

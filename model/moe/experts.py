@@ -1,0 +1,127 @@
+"""The experts of one MoE layer, stored stacked so that one batched or grouped GEMM computes them all.
+
+Shape suffixes: E local experts, C capacity (slots per expert), D model dim, F expert hidden dim,
+R routes sorted by expert.
+
+DeepSpeed's `Experts` keeps one module per expert and loops over them in Python; with 64 local experts
+that is 64 small GEMMs per projection and per direction. Here each projection is one parameter of shape
+(E, out, in) (nn.Linear's layout per expert), computed by `torch.bmm` on a capacity buffer or by a grouped
+GEMM on routes sorted by expert. The parameters carry DeepSpeed's expert marks (`allreduce=False`,
+`group_name`), so the engine reduces their gradients over the expert-data-parallel group only and
+`split_params_into_different_moe_groups_for_optimizer` puts them in their own optimizer groups.
+
+Experts are bias-free, like Switch/ST-MoE experts: a per-expert bias on sorted routes would cost a gather
+and a segmented reduction per projection, for no measurable quality.
+
+Checkpoint layout. `state_dict()` of a model holds the stacked tensors (`...experts.fc1_weight`, E_local
+rows). DeepSpeed's per-expert files use its own names, `...experts.deepspeed_experts.{i}.fc1.weight`;
+`split_stacked` and the load hook below convert between the two, so either layout loads, and a full-size
+stacked tensor (all experts, from an EP=1 model) loads into an EP>1 model by keeping this rank's rows.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# stacked parameter -> name of the same weight inside one DeepSpeed expert module
+PER_EXPERT_NAMES = {"fc1_weight": "fc1.weight", "fc2_weight": "fc2.weight"}
+DS_EXPERTS = "deepspeed_experts"
+
+
+def gelu(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")  # GPT-2's activation
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient dense: the CPU grouped GEMM's backward rejects
+    broadcast (stride-0) gradients such as the one `out.sum().backward()` produces."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def grouped_mm_supported(x: Tensor) -> bool:
+    """Whether torch's grouped GEMM runs here: any dtype on CPU, bf16 on CUDA from sm80 (per its docs)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return False
+
+
+def grouped_mm(x_RI: Tensor, w_EOI: Tensor, offsets_E: Tensor) -> Tensor:
+    """Rows offsets[e-1]:offsets[e] of x times w[e]^T, for every e, in one call."""
+    return _ContiguousGrad.apply(torch._grouped_mm(x_RI, w_EOI.transpose(1, 2), offs=offsets_E))
+
+
+class GroupedExperts(nn.Module):
+    """E_local two-layer GELU MLPs (D -> F -> D), computed together."""
+
+    def __init__(self, num_local_experts: int, hidden_size: int, ffn_hidden_size: int, *, group_name: str,
+                 num_experts: int | None = None, first_expert: int = 0):
+        super().__init__()
+        self.num_local_experts = num_local_experts
+        self.num_experts = num_experts or num_local_experts  # across the expert-parallel group
+        self.first_expert = first_expert  # global id of local expert 0
+        self.fc1_weight = nn.Parameter(torch.empty(num_local_experts, ffn_hidden_size, hidden_size))  # (E, F, D)
+        self.fc2_weight = nn.Parameter(torch.empty(num_local_experts, hidden_size, ffn_hidden_size))  # (E, D, F)
+        for p in self.parameters():
+            p.allreduce = False
+            p.group_name = group_name
+        self.register_load_state_dict_pre_hook(_accept_other_layouts)
+
+    def forward(self, x_ECD: Tensor) -> Tensor:
+        """Capacity layout: (E, C, D) -> (E, C, D), one batched GEMM per projection."""
+        h_ECF = gelu(torch.bmm(x_ECD, self.fc1_weight.transpose(1, 2)))
+        return torch.bmm(h_ECF, self.fc2_weight.transpose(1, 2))
+
+    def forward_grouped(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
+        """Grouped layout: routes sorted by expert, counts_E[e] rows each -> (R, D); no padding computed."""
+        if x_RD.shape[0] == 0:
+            return x_RD.new_zeros(x_RD.shape)
+        offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
+        h_RF = gelu(grouped_mm(x_RD, self.fc1_weight, offsets_E))
+        return grouped_mm(h_RF, self.fc2_weight, offsets_E)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float, out_std: float, seed: int) -> None:
+        """Normal init, each expert from its own generator seeded by (seed, global expert id), so the same
+        seed builds the same experts whatever the expert-parallel size and rank."""
+        for local in range(self.num_local_experts):
+            for weight, s in ((self.fc1_weight, std), (self.fc2_weight, out_std)):
+                if weight.is_meta:
+                    continue
+                gen = torch.Generator(device=weight.device)
+                gen.manual_seed((seed + 1_000_003 * (self.first_expert + local) + (weight is self.fc2_weight))
+                                % (2**63))
+                weight[local].normal_(0.0, s, generator=gen)
+
+
+def split_stacked(state_dict: dict, prefix: str = "") -> dict:
+    """Stacked expert tensors under `prefix` -> DeepSpeed's per-expert keys (local numbering), in place."""
+    for name, per_expert in PER_EXPERT_NAMES.items():
+        key = prefix + name
+        if key in state_dict:
+            for i, row in enumerate(state_dict.pop(key).unbind(0)):
+                state_dict[f"{prefix}{DS_EXPERTS}.{i}.{per_expert}"] = row
+    return state_dict
+
+
+def _accept_other_layouts(module: GroupedExperts, state_dict, prefix, *args) -> None:
+    """Load hook: stack DeepSpeed per-expert keys; slice a full-size stacked tensor to this rank's experts."""
+    n = module.num_local_experts
+    for name, per_expert in PER_EXPERT_NAMES.items():
+        key = prefix + name
+        ds_keys = [f"{prefix}{DS_EXPERTS}.{i}.{per_expert}" for i in range(n)]
+        if key not in state_dict and all(k in state_dict for k in ds_keys):
+            state_dict[key] = torch.stack([state_dict.pop(k) for k in ds_keys])
+        elif key in state_dict and n != module.num_experts and state_dict[key].shape[0] == module.num_experts:
+            state_dict[key] = state_dict[key][module.first_expert:module.first_expert + n]

@@ -1,0 +1,239 @@
+"""Routers: which experts process which tokens, and with what weight.
+
+Shape suffixes: T tokens (batch x sequence, flattened), D model dim, E experts (global), K routes per token,
+C expert capacity, R routes (token-expert pairs).
+
+A router turns hidden states into a `Routing`: R routes, each a (token, expert, weight) triple plus the
+route's rank among the routes of its expert, in priority order. The rank is the route's slot in its
+expert's capacity buffer; routes ranked at or beyond the capacity are dropped (their token passes through
+the residual connection). Token-choice routers lay routes out K-major (every first choice, then every
+second choice), so first choices claim capacity first, as in GShard.
+
+All router math is fp32 whatever the model precision: the softmax over experts and the balancing losses
+lose too much in bf16 (Switch Transformer, section 2.4).
+
+Randomness (jitter, random token selection, second-expert sampling) exists only in training. In eval mode
+every router is deterministic and dropless, so a token's routing depends on that token alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Expert choice calibrates its inference thresholds with an exponential moving average over training steps.
+EC_THRESHOLD_MOMENTUM = 0.99
+
+
+@dataclass
+class Routing:
+    token_R: Tensor  # long: the token each route carries
+    expert_R: Tensor  # long: the (global) expert it goes to
+    weight_R: Tensor  # fp32: its combine weight (0 for a dropped route)
+    position_R: Tensor  # long: its rank among its expert's routes, in priority order
+    order_R: Tensor  # long: route ids sorted by expert, then priority (the grouped layout)
+    counts_E: Tensor  # long: routes assigned to each expert, before any capacity limit
+    capacity: int | None  # slots per expert; None = dropless (no route is dropped)
+    aux_loss: Tensor  # fp32 scalar, not yet weighted by its coefficient
+    z_loss: Tensor  # fp32 scalar, not yet weighted by its coefficient
+    dropped_fraction: Tensor  # fp32 scalar: token choice: routes over capacity; expert choice: tokens no expert took
+
+
+def load_balancing_loss(probs_TE: Tensor, first_choice_T: Tensor) -> Tensor:
+    """Switch Transformer (Fedus et al. 2021, eq. 4-6); GShard's l_aux counts first choices the same way.
+
+        loss = E * sum_e f_e * P_e,  f_e = fraction of tokens whose first choice is e,
+                                     P_e = mean router probability of e.
+
+    It is 1.0 when routing is uniform and grows as load concentrates; only P carries a gradient.
+    """
+    num_tokens, num_experts = probs_TE.shape
+    f_E = torch.bincount(first_choice_T, minlength=num_experts).to(probs_TE.dtype) / num_tokens
+    p_E = probs_TE.mean(dim=0)
+    return num_experts * torch.sum(f_E * p_E)
+
+
+def router_z_loss(logits_TE: Tensor) -> Tensor:
+    """ST-MoE (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2; keeps router logits small."""
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+def expert_capacity(num_routes: int, num_experts: int, factor: float, min_capacity: int, num_tokens: int) -> int:
+    """Slots per expert: ceil(routes / experts * factor), at least min_capacity, at most the token count
+    (an expert never holds the same token twice, so more slots would stay empty)."""
+    return max(1, min(max(math.ceil(num_routes / num_experts * factor), min_capacity), num_tokens))
+
+
+def rank_within_experts(expert_R: Tensor, num_experts: int, shuffle_levels: int = 0):
+    """Sort routes by expert and rank each among its expert's routes.
+
+    Without shuffling, priority is route order (first come, first served). With `shuffle_levels=K` (random
+    token selection), the routes form K levels of equal size (first choices, second choices, ...) and each
+    level is shuffled, so overflow drops random tokens rather than the batch's last ones, while a first
+    choice still outranks every second choice.
+    Returns (order_R, position_R, counts_E).
+    """
+    num_routes = expert_R.numel()
+    if shuffle_levels:
+        per_level = num_routes // shuffle_levels
+        shuffled = torch.rand(shuffle_levels, per_level, device=expert_R.device).argsort(dim=1)
+        priority_R = (shuffled + per_level * torch.arange(shuffle_levels, device=expert_R.device)[:, None]).flatten()
+        order_R = priority_R[torch.sort(expert_R[priority_R], stable=True).indices]
+    else:
+        order_R = torch.sort(expert_R, stable=True).indices
+    counts_E = torch.bincount(expert_R, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, dim=0) - counts_E
+    position_R = torch.empty_like(order_R)
+    position_R[order_R] = torch.arange(num_routes, device=expert_R.device) - starts_E[expert_R[order_R]]
+    return order_R, position_R, counts_E
+
+
+class Router(nn.Module):
+    """Shared part of every router: the gate projection `wg` (DeepSpeed's name, which its checkpoint writer
+    recognises as not an expert weight) and fp32 logits with optional multiplicative jitter."""
+
+    def __init__(self, hidden_size: int, num_experts: int, *, capacity_factor: float, min_capacity: int,
+                 drop_tokens: bool, jitter: float = 0.0):
+        super().__init__()
+        self.wg = nn.Linear(hidden_size, num_experts, bias=False)
+        self.num_experts = num_experts
+        self.capacity_factor = capacity_factor
+        self.min_capacity = min_capacity
+        self.drop_tokens = drop_tokens
+        self.jitter = jitter
+
+    def logits(self, x_TD: Tensor) -> Tensor:
+        x_TD = x_TD.float()
+        if self.training and self.jitter > 0:
+            # Switch Transformer's input jitter: x * U(1 - eps, 1 + eps), training only.
+            noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            x_TD = x_TD * noise
+        return F.linear(x_TD, self.wg.weight.float())  # (T, E) fp32
+
+
+class TopKRouter(Router):
+    """Token choice: each token picks its k best experts (k=1 Switch, k=2 GShard).
+
+    Top-1 weights a token's expert output by the router probability (Switch); top-2 renormalises the two
+    probabilities to sum to one after capacity drops (GShard, as DeepSpeed does). In training with
+    `drop_tokens`, an expert takes at most C = ceil(k*T/E * capacity_factor) routes (at least min_capacity);
+    the rest are dropped. Otherwise (and always in eval mode) routing is dropless.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, k: int, *, use_rts: bool = True,
+                 second_expert_sampling: bool = False, **kw):
+        super().__init__(hidden_size, num_experts, **kw)
+        if k not in (1, 2):
+            raise ValueError(f"TopKRouter.k: got {k!r}; allowed: 1 | 2")
+        self.k = k
+        self.use_rts = use_rts
+        self.second_expert_sampling = second_expert_sampling
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        logits_TE = self.logits(x_TD)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        num_tokens, num_experts = probs_TE.shape
+        first_T = probs_TE.argmax(dim=-1)
+        choices = [first_T]
+        if self.k == 2:
+            second_logits_TE = logits_TE.detach()
+            if self.training and self.second_expert_sampling:
+                # Gumbel-max: sample the second expert in proportion to its probability (training only).
+                second_logits_TE = second_logits_TE - torch.empty_like(second_logits_TE).exponential_().log()
+            second_logits_TE = second_logits_TE.masked_fill(F.one_hot(first_T, num_experts).bool(), float("-inf"))
+            choices.append(second_logits_TE.argmax(dim=-1))
+        expert_KT = torch.stack(choices)
+        gate_KT = probs_TE.gather(1, expert_KT.t()).t()
+
+        dropping = self.training and self.drop_tokens
+        expert_R = expert_KT.flatten()
+        order_R, position_R, counts_E = rank_within_experts(
+            expert_R, num_experts, shuffle_levels=self.k if dropping and self.use_rts else 0)
+        capacity = None
+        if dropping:
+            capacity = expert_capacity(expert_R.numel(), num_experts, self.capacity_factor, self.min_capacity,
+                                       num_tokens)
+            kept_KT = (position_R < capacity).view_as(gate_KT)
+            gate_KT = gate_KT * kept_KT
+            dropped = 1.0 - kept_KT.float().mean()
+        else:
+            dropped = probs_TE.new_zeros(())
+        if self.k == 2:
+            gate_KT = gate_KT / gate_KT.sum(dim=0, keepdim=True).clamp(min=torch.finfo(gate_KT.dtype).eps)
+
+        return Routing(
+            token_R=torch.arange(num_tokens, device=x_TD.device).repeat(self.k), expert_R=expert_R,
+            weight_R=gate_KT.flatten(), position_R=position_R, order_R=order_R, counts_E=counts_E,
+            capacity=capacity, aux_loss=load_balancing_loss(probs_TE, first_T), z_loss=router_z_loss(logits_TE),
+            dropped_fraction=dropped)
+
+
+class ExpertChoiceRouter(Router):
+    """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens by router probability.
+
+    C = ceil(T * top_k / E * capacity_factor), so a token visits top_k * capacity_factor experts on average;
+    load is balanced by construction (no balancing loss), a token may be taken by several experts or by none,
+    and its output is the probability-weighted sum of the experts that took it.
+
+    Causality. In training an expert ranks all T tokens of the micro-batch, later positions and other
+    sequences included, so whether a token is processed depends on tokens it may not attend to. That is
+    how the method is defined and trained (the leak is only through the routing decision, not through
+    values), and we keep it for training. Inference must not do this: a generated token cannot wait for
+    future tokens, and a prompt's logits must not depend on its batch mates. So in eval mode the router
+    decides per token, against per-expert thresholds calibrated in training: `ec_threshold[e]` is a
+    moving average of the score of the C-th (last) token expert e accepted in each training batch. A token
+    goes to expert e iff its probability for e reaches that threshold, which admits the same share of tokens
+    per expert as training did, in expectation. This is causal, batch-independent, deterministic and dropless.
+    Before any training step has calibrated the thresholds (NaN), eval falls back to each token's
+    round(top_k * capacity_factor) best experts.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: float, **kw):
+        super().__init__(hidden_size, num_experts, **kw)
+        self.top_k = top_k
+        self.register_buffer("ec_threshold", torch.full((num_experts,), float("nan")))
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        logits_TE = self.logits(x_TD)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        num_tokens, num_experts = probs_TE.shape
+        device = x_TD.device
+        if self.training:
+            capacity = expert_capacity(round(num_tokens * self.top_k), num_experts, self.capacity_factor,
+                                       self.min_capacity, num_tokens)
+            score_EC, token_EC = probs_TE.t().topk(capacity, dim=1)  # each expert's best C tokens
+            self._calibrate(score_EC[:, -1].detach())
+            token_R, weight_R = token_EC.flatten(), score_EC.flatten()
+            expert_R = torch.arange(num_experts, device=device).repeat_interleave(capacity)
+            # Routes already come grouped by expert, one full buffer row each.
+            order_R = torch.arange(token_R.numel(), device=device)
+            position_R = torch.arange(capacity, device=device).repeat(num_experts)
+            counts_E = torch.full((num_experts,), capacity, dtype=torch.long, device=device)
+        else:
+            capacity = None
+            if torch.isnan(self.ec_threshold).any():
+                k = max(1, min(num_experts, round(self.top_k * self.capacity_factor)))
+                chosen_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(
+                    1, probs_TE.topk(k, dim=-1).indices, True)
+            else:
+                chosen_TE = probs_TE >= self.ec_threshold
+            token_R, expert_R = chosen_TE.nonzero(as_tuple=True)
+            weight_R = probs_TE[token_R, expert_R]
+            order_R, position_R, counts_E = rank_within_experts(expert_R, num_experts)
+        taken_T = torch.zeros(num_tokens, dtype=torch.bool, device=device).index_fill_(0, token_R, True)
+        return Routing(
+            token_R=token_R, expert_R=expert_R, weight_R=weight_R, position_R=position_R, order_R=order_R,
+            counts_E=counts_E, capacity=capacity, aux_loss=probs_TE.new_zeros(()), z_loss=router_z_loss(logits_TE),
+            dropped_fraction=1.0 - taken_T.float().mean())
+
+    @torch.no_grad()
+    def _calibrate(self, last_accepted_E: Tensor) -> None:
+        # Activation recomputation replays the forward inside backward; count each step once.
+        if torch._C._current_graph_task_id() != -1:
+            return
+        fresh = torch.isnan(self.ec_threshold)
+        blended = EC_THRESHOLD_MOMENTUM * self.ec_threshold + (1 - EC_THRESHOLD_MOMENTUM) * last_accepted_E
+        self.ec_threshold.copy_(torch.where(fresh, last_accepted_E, blended))
