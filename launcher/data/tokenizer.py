@@ -1,0 +1,243 @@
+"""Tokenizers for the TOKENIZER positional argument: gpt2bpe and jiebabpe.
+
+Both are a byte-level BPE model from the `tokenizers` library: the alphabet is the 256
+bytes, so every string, in any script, round-trips exactly. They differ in how text is
+cut into words before BPE, which decides the merges learned and applied:
+
+- gpt2bpe: GPT-2's regex pre-tokenizer, in Rust, stored in tokenizer.json.
+- jiebabpe: runs of Chinese characters are cut into words by jieba (Python, see
+  jieba_split.py), the rest by the same GPT-2 regex; merges never cross a jieba word.
+  jieba cannot be stored in tokenizer.json, so the file holds the GPT-2 regex
+  pre-tokenizer and `Tokenizer.encode` runs jieba before handing the words over.
+
+On disk: DIR/tokenizer.json (the `tokenizers` format) + DIR/tokenizer_meta.json
+(kind, end-of-document token, vocab size, what it was trained on).
+"""
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from launcher.errors import UsageError
+
+TOKENIZER_TYPES = ("jiebabpe", "gpt2bpe")
+EOD_TOKEN = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+META_FILE = "tokenizer_meta.json"
+MIN_VOCAB_SIZE = 257  # 256 bytes + the end-of-document token
+
+
+def check_kind(kind: str) -> str:
+    if kind not in TOKENIZER_TYPES:
+        raise UsageError(f"tokenizer type {kind!r} is not one of {', '.join(TOKENIZER_TYPES)}")
+    return kind
+
+
+def _byte_level(model):
+    from tokenizers import Tokenizer as Backend, decoders, pre_tokenizers
+
+    backend = Backend(model)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+class Tokenizer:
+    """A trained byte-level BPE tokenizer of one `kind`; `eod_id` ends every document, `pad_id` pads."""
+
+    def __init__(self, backend, kind: str, meta: dict | None = None):
+        self.kind = check_kind(kind)
+        self.backend = backend  # a tokenizers.Tokenizer
+        self.meta = dict(meta or {})
+        # Registering is a no-op where the vocab already has it (GPT-2's id 50256).
+        backend.add_special_tokens([EOD_TOKEN])
+        self.eod_id: int = backend.token_to_id(EOD_TOKEN)
+        self.pad_id: int = self.eod_id  # padding is masked out of the loss, so any id will do
+        # max id + 1, not the entry count: what an embedding table and id checks need.
+        self.vocab_size: int = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+        if kind == "jiebabpe":
+            from launcher.data.jieba_split import split_words
+
+            self._split = split_words
+        else:
+            self._split = None
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eod_id={self.eod_id})"
+
+    def encode(self, text: str) -> list[int]:
+        if self._split is None:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        return self.backend.encode(self._split(text), is_pretokenized=True, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encodes in Rust threads (jiebabpe's word splitting stays in this Python thread)."""
+        texts = list(texts)
+        if self._split is None:
+            encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+        else:
+            words = [self._split(t) for t in texts]
+            encodings = self.backend.encode_batch(words, is_pretokenized=True, add_special_tokens=False)
+        return [e.ids for e in encodings]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = np.asarray(ids if hasattr(ids, "__len__") else list(ids), dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
+            raise UsageError(f"token id {bad} is outside this tokenizer's vocab (0..{self.vocab_size - 1})")
+        return self.backend.decode(ids.tolist(), skip_special_tokens=False)
+
+    def save(self, directory) -> str:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / TOKENIZER_FILE))
+        meta = {**self.meta, "kind": self.kind, "eod_token": EOD_TOKEN, "vocab_size": self.vocab_size}
+        (directory / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        return str(directory)
+
+    def to_hf(self):
+        """A transformers fast tokenizer with the same vocab, merges and special token.
+
+        For jiebabpe its pre-tokenizer is the GPT-2 regex without jieba (which has no
+        Rust form): it decodes every id exactly as `decode` does and round-trips any
+        string exactly, but may cut Chinese runs into different (equally valid) tokens
+        than `encode`, since BPE merges can then cross jieba word boundaries.
+        """
+        from tokenizers import Tokenizer as Backend
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast(
+            tokenizer_object=Backend.from_str(self.backend.to_str()),
+            bos_token=EOD_TOKEN,
+            eos_token=EOD_TOKEN,
+            pad_token=EOD_TOKEN,
+            clean_up_tokenization_spaces=False,  # would turn " ." into "." and break the round trip
+        )
+
+
+def _bpe_trainer(vocab_size: int):
+    from tokenizers import pre_tokenizers, trainers
+
+    return trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+
+
+def check_vocab_size(vocab_size: int) -> int:
+    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+        raise UsageError(
+            f"vocab size {vocab_size} is too small: byte-level BPE needs at least {MIN_VOCAB_SIZE} "
+            "(256 bytes + end-of-document)"
+        )
+    return vocab_size
+
+
+def train_from_words(kind: str, word_lists: Iterable, vocab_size: int, meta: dict | None = None) -> Tokenizer:
+    """Train on an iterable of texts (gpt2bpe) or of word lists from `split_words` (jiebabpe).
+
+    Each string of a word list is pre-tokenized on its own, which is what keeps jiebabpe's
+    merges inside jieba words. The result may hold fewer than `vocab_size` ids when the
+    corpus has too few distinct pairs.
+    """
+    from tokenizers import models
+
+    check_kind(kind)
+    check_vocab_size(vocab_size)
+    seen = [0]
+
+    def counted(items):
+        for item in items:
+            seen[0] += 1
+            yield item
+
+    backend = _byte_level(models.BPE())
+    backend.train_from_iterator(counted(word_lists), _bpe_trainer(vocab_size))
+    if seen[0] == 0:
+        raise UsageError("no text to train the tokenizer on")
+    return Tokenizer(backend, kind, {**(meta or {}), "requested_vocab_size": vocab_size})
+
+
+def _read_texts(texts_or_files: Iterable) -> Iterable[str]:
+    for item in texts_or_files:
+        if isinstance(item, os.PathLike):
+            try:
+                yield Path(item).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                raise UsageError(f"cannot read {item} as UTF-8 text: {err}") from None
+        else:
+            yield item
+
+
+def train_tokenizer(kind: str, texts_or_files: Iterable, vocab_size: int, out_dir=None) -> Tokenizer:
+    """Train a `kind` tokenizer on texts (str) or files (pathlib.Path, one document each); save to out_dir."""
+    check_kind(kind)
+    texts = _read_texts(texts_or_files)
+    if kind == "jiebabpe":
+        from launcher.data.jieba_split import split_words
+
+        texts = (split_words(t) for t in texts)
+    tokenizer = train_from_words(kind, texts, vocab_size)
+    if out_dir is not None:
+        tokenizer.save(out_dir)
+    return tokenizer
+
+
+def _load_backend(load, source) -> "object":
+    try:
+        return load()
+    except Exception as err:  # the Rust side raises plain Exception with multi-line text
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot read tokenizer {source}: {first_line}") from None
+
+
+def _load_gpt2_pair(vocab: Path, merges: Path, kind: str | None) -> Tokenizer:
+    if kind not in (None, "gpt2bpe"):
+        raise UsageError(f"{vocab} + {merges} is the gpt2bpe format; a {kind} tokenizer is a tokenizer.json")
+    for path in (vocab, merges):
+        if not path.is_file():
+            raise UsageError(f"tokenizer file not found: {path}")
+    from tokenizers import models
+
+    backend = _load_backend(lambda: _byte_level(models.BPE.from_file(str(vocab), str(merges))), vocab)
+    return Tokenizer(backend, "gpt2bpe", {"loaded_from": [str(vocab), str(merges)]})
+
+
+def load_tokenizer(path, kind: str | None = None) -> Tokenizer:
+    """Load from a directory with tokenizer.json (+ tokenizer_meta.json), a tokenizer.json file,
+    a directory or vocab.json path with a GPT-2 vocab.json + merges.txt, or a (vocab, merges) pair."""
+    if kind is not None:
+        check_kind(kind)
+    if isinstance(path, (tuple, list)):
+        if len(path) != 2:
+            raise UsageError(f"a GPT-2 tokenizer pair is (vocab.json, merges.txt), got {len(path)} paths")
+        return _load_gpt2_pair(Path(path[0]), Path(path[1]), kind)
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"tokenizer not found: {path}")
+    if path.is_file() and path.name != TOKENIZER_FILE:
+        return _load_gpt2_pair(path, path.with_name("merges.txt"), kind)
+    directory = path.parent if path.is_file() else path
+    if not (directory / TOKENIZER_FILE).is_file():
+        if (directory / "vocab.json").is_file():
+            return _load_gpt2_pair(directory / "vocab.json", directory / "merges.txt", kind)
+        raise UsageError(f"{directory} holds neither {TOKENIZER_FILE} nor vocab.json + merges.txt")
+
+    meta = {}
+    if (directory / META_FILE).is_file():
+        try:
+            meta = json.loads((directory / META_FILE).read_text())
+        except ValueError:
+            raise UsageError(f"{directory / META_FILE} is not valid JSON") from None
+    saved_kind = meta.get("kind")
+    if kind is not None and saved_kind is not None and kind != saved_kind:
+        raise UsageError(f"tokenizer {directory} is {saved_kind}, not {kind}")
+    from tokenizers import Tokenizer as Backend
+
+    backend = _load_backend(lambda: Backend.from_file(str(directory / TOKENIZER_FILE)), directory / TOKENIZER_FILE)
+    return Tokenizer(backend, kind or saved_kind or "gpt2bpe", meta)
