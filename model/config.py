@@ -219,7 +219,7 @@ class GPTMoEConfig:
         norm = 2 * h
         attention = 4 * h * h + 4 * h + norm  # qkv + out projections (with biases) and the pre-attention norm
         mlp = 2 * h * f + f + h  # fc1 + fc2 with biases
-        expert = 2 * h * f  # experts are bias-free, see model/moe/experts.py
+        expert = 2 * h * f  # experts (and PR-MoE's residual MLP) are bias-free, see model/moe/experts.py
         embedding = v * h + self.seq_len * h + (0 if self.tie_embeddings else v * h)
         total = active = embedding + norm  # + the final norm
         experts_total = 0
@@ -233,7 +233,7 @@ class GPTMoEConfig:
                 active += mlp
                 continue
             e = moe_layers[layer]
-            shared = h * e + ((mlp + 2 * h + 2) if self.use_residual else 0)  # gate (+ residual MLP, coefficient)
+            shared = h * e + ((expert + 2 * h + 2) if self.use_residual else 0)  # gate (+ residual MLP, coefficient)
             experts_total += e * expert
             total += shared + e * expert
             active += shared + k * expert

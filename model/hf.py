@@ -1,0 +1,112 @@
+"""Hugging Face wrapper: `GPTMoEHFConfig` (model_type "gpt_moe") and `GPTMoEForCausalLM`.
+
+Registered with AutoConfig / AutoModelForCausalLM on import, so a folder written by `save_pretrained`
+(config.json + model.safetensors) loads with `AutoModelForCausalLM.from_pretrained` and generates with
+`generate()` (KV cache included).
+
+State-dict mapping: the wrapper holds a `GPTMoE` as `self.model`, so a trained GPTMoE's state dict loads
+with the prefix "model." added to every key (`GPTMoEForCausalLM.from_gpt_moe` does it). Experts are stored
+stacked (`...experts.fc1_weight`, all experts of a layer in one tensor): export from an EP=1 model (see
+model/checkpoint.py to gather an EP>1 DeepSpeed checkpoint into one).
+
+Labels follow the transformers convention: `labels` may equal `input_ids`; the shift happens here.
+`loss` is what fine-tuning should minimise (LM loss + weighted balancing and z-losses); `lm_loss`,
+`aux_loss` and `z_loss` come beside it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from .config import GPTMoEConfig
+from .gpt import GPTMoE
+
+_FIELDS = [f.name for f in fields(GPTMoEConfig)]
+# GPTMoEConfig field -> attribute name here, where the field's own name means something else to transformers
+# (a `top_k` in a model config is read as a generation setting).
+_RENAMED = {"top_k": "moe_top_k"}
+
+
+class GPTMoEHFConfig(PretrainedConfig):
+    """Every GPTMoEConfig field as a flat attribute (validated by GPTMoEConfig; `top_k` is `moe_top_k` here),
+    plus transformers' usual names as aliases."""
+
+    model_type = "gpt_moe"
+    attribute_map = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+                     "max_position_embeddings": "seq_len", "intermediate_size": "ffn_hidden_size"}
+
+    def __init__(self, **kwargs):
+        own = {name: kwargs.pop(_RENAMED.get(name, name)) for name in _FIELDS if _RENAMED.get(name, name) in kwargs}
+        for name, value in GPTMoEConfig(**own).to_dict().items():
+            setattr(self, _RENAMED.get(name, name), value)
+        # Tying happens inside GPTMoE (logits reuse the embedding weight), not through transformers.
+        kwargs["tie_word_embeddings"] = False
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_gpt_moe_config(cls, config: GPTMoEConfig, **kwargs) -> "GPTMoEHFConfig":
+        return cls(**{_RENAMED.get(k, k): v for k, v in config.to_dict().items()}, **kwargs)
+
+    def to_gpt_moe_config(self) -> GPTMoEConfig:
+        return GPTMoEConfig(**{name: getattr(self, _RENAMED.get(name, name)) for name in _FIELDS})
+
+
+@dataclass
+class GPTMoECausalLMOutput(MoeCausalLMOutputWithPast):
+    lm_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+
+
+class GPTMoEForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = GPTMoEHFConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["Block"]
+
+    def __init__(self, config: GPTMoEHFConfig):
+        super().__init__(config)
+        self.model = GPTMoE(config.to_gpt_moe_config())
+        self.post_init()
+
+    def _init_weights(self, module):
+        """GPTMoE initialises itself (GPT-style, per-expert seeds); loading fills the rest."""
+
+    @classmethod
+    def from_gpt_moe(cls, model: GPTMoE) -> "GPTMoEForCausalLM":
+        """Wrap a trained (EP=1) GPTMoE: same config, its state dict under the "model." prefix."""
+        hf = cls(GPTMoEHFConfig.from_gpt_moe_config(model.config))
+        hf.model.load_state_dict(model.state_dict())
+        return hf.to(next(model.parameters()).dtype)
+
+    def get_input_embeddings(self):
+        return self.model.wte
+
+    def set_input_embeddings(self, value):
+        self.model.wte = value
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values=None, labels=None,
+                use_cache: bool | None = None, **kwargs) -> GPTMoECausalLMOutput:
+        if position_ids is None and attention_mask is not None:
+            # Left-padded batches: count positions over real tokens only.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        if use_cache and past_key_values is None:
+            from transformers import DynamicCache
+
+            past_key_values = DynamicCache(config=self.config)
+        shifted = None
+        if labels is not None:
+            shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t+1
+        out = self.model(input_ids, labels=shifted, position_ids=position_ids, attention_mask=attention_mask,
+                         past_key_values=past_key_values)
+        loss = None if out.loss is None else out.total_loss
+        return GPTMoECausalLMOutput(loss=loss, logits=out.logits, past_key_values=past_key_values,
+                                    aux_loss=out.aux_loss, lm_loss=out.loss, z_loss=out.z_loss)
+
+
+AutoConfig.register("gpt_moe", GPTMoEHFConfig, exist_ok=True)
+AutoModelForCausalLM.register(GPTMoEHFConfig, GPTMoEForCausalLM, exist_ok=True)

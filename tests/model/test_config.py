@@ -1,0 +1,120 @@
+"""GPTMoEConfig: validation, sizes, persistence and analytic parameter counts."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import SIZES, GPTMoEConfig
+from model.moe.layer import MoELayer
+from deepspeed.moe.utils import is_moe_param
+
+from .conftest import build, nano
+
+
+def test_size_table():
+    assert SIZES["0.125B"] == (12, 768, 12) and SIZES["13B"] == (40, 5120, 40)
+    assert SIZES["nano"] == (2, 64, 4) and SIZES["tiny"] == (4, 128, 4)
+    assert len(SIZES) == 10
+    for name in SIZES:
+        cfg = GPTMoEConfig.from_size(name, num_experts=8)
+        assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads) == SIZES[name]
+        assert cfg.ffn_hidden_size == 4 * cfg.hidden_size
+
+
+def test_from_size_errors_list_what_is_allowed():
+    with pytest.raises(ValueError, match=r"'1B'.*0\.125B \| 0\.35B"):
+        GPTMoEConfig.from_size("1B")
+    with pytest.raises(ValueError, match="unknown fields.*'n_layer'"):
+        GPTMoEConfig.from_size("nano", n_layer=3)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("router_type", 3, "router_type.*3.*0 \\(top-1\\)"),
+    ("num_heads", 5, "num_heads.*5.*divisor of hidden_size=64"),
+    ("num_experts", -1, "num_experts.*-1"),
+    ("num_experts", [4, 4], "num_experts.*a list of 1 counts"),
+    ("ep_size", 3, "ep_size.*3.*divisor"),
+    ("recompute", "some", "recompute.*'some'.*none \\| sel \\| full"),
+    ("dropout", 1.0, "dropout.*\\[0, 1\\)"),
+    ("capacity_factor", 0, "capacity_factor"),
+    ("top_k", 2, "top_k.*1 or None"),
+    ("drop_tokens", "yes", "drop_tokens.*True \\| False"),
+    ("moe_layer_interval", 0, "moe_layer_interval.*>= 1"),
+    ("router_jitter", 1.5, "router_jitter"),
+])
+def test_validation_names_field_value_and_allowed(field, value, words):
+    with pytest.raises(ValueError, match=words) as err:
+        nano(**{field: value})
+    assert "\n" not in str(err.value) and f"GPTMoEConfig.{field}" in str(err.value)
+
+
+def test_derived_fields_and_moe_layer_indices():
+    cfg = GPTMoEConfig.from_size("0.125B", num_experts=8)
+    assert cfg.moe_layer_indices() == [1, 3, 5, 7, 9, 11]
+    assert cfg.experts_per_moe_layer() == [8] * 6
+    assert GPTMoEConfig.from_size("0.125B").moe_layer_indices() == []  # dense
+    assert GPTMoEConfig.from_size("0.35B", num_experts=8, moe_layer_interval=1).moe_layer_indices() == list(range(24))
+    assert nano(router_type=2).top_k == 2 and nano(router_type=0).top_k == 1
+    assert nano(router_type=1).experts_per_token() == 1.0
+    assert nano(router_type=1, top_k=2).experts_per_token() == 2.0
+    assert nano(router_type=1, capacity_factor=2.0).experts_per_token() == 2.0
+    assert GPTMoEConfig(vocab_size=50257).padded_vocab_size == 50304
+
+
+def test_dict_round_trip_is_json_safe():
+    cfg = nano(num_layers=4, num_experts=[2, 4], router_type=1, top_k=2.0, use_residual=True)
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert GPTMoEConfig.from_dict(data) == cfg
+    with pytest.raises(ValueError, match="unknown fields.*'bogus'"):
+        GPTMoEConfig.from_dict({**data, "bogus": 1})
+
+
+def _active_from_module_tree(model, cfg):
+    """The counting rule applied to real modules: every non-expert parameter, plus each MoE layer's expert
+    parameters times experts_per_token / experts."""
+    active = sum(p.numel() for p in model.parameters() if not is_moe_param(p))
+    for layer in model.moe_layers():
+        expert = sum(p.numel() for p in layer.parameters() if is_moe_param(p))
+        active += expert * cfg.experts_per_token() / layer.num_experts
+    return round(active)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(num_experts=0),
+    dict(num_experts=4),
+    dict(num_experts=4, router_type=2, tie_embeddings=False),
+    dict(num_experts=4, router_type=1, top_k=2.0, use_residual=True),
+    dict(num_layers=4, num_experts=[2, 8], router_type=2, use_residual=True, ffn_hidden_size=96),
+])
+def test_param_counts_match_an_instantiated_model(overrides):
+    cfg = nano(**overrides)
+    model = build(cfg)
+    counts = cfg.param_counts()
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["expert"] == sum(p.numel() for p in model.parameters() if is_moe_param(p))
+    assert counts["active"] == _active_from_module_tree(model, cfg)
+    assert counts["embedding"] == model.wte.weight.numel() + model.wpe.weight.numel() + (
+        0 if model.lm_head is None else model.lm_head.weight.numel())
+
+
+def test_public_sizes_count_like_the_papers():
+    dense = GPTMoEConfig.from_size("0.125B").param_counts()
+    assert 120e6 < dense["total"] < 130e6
+    moe = GPTMoEConfig.from_size("0.35B", num_experts=128).param_counts()  # DeepSpeed-MoE's 350M+MoE-128
+    assert 12e9 < moe["total"] < 14e9
+    # a token's active set: the dense model, plus 12 gates, minus the 12 FFN biases experts do not have
+    dense = GPTMoEConfig.from_size("0.35B").param_counts()["total"]
+    assert moe["active"] == dense + 12 * 1024 * 128 - 12 * (4096 + 1024)
+
+
+def test_model_package_never_imports_launcher():
+    root = Path(__file__).resolve().parents[2] / "model"
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        assert "import launcher" not in text and "from launcher" not in text, path
+
+
+def test_public_imports():
+    from model import GPTMoE, GPTMoEConfig, GPTMoEForCausalLM, GPTMoEHFConfig  # noqa: F401
+    assert issubclass(MoELayer, torch.nn.Module)
