@@ -1,0 +1,250 @@
+"""The pretraining loop of one process: build the engine, resume, train, evaluate, checkpoint, stop.
+
+Each iteration: `grad_accum` micro batches forward and backward, then ONE all-reduce of a short vector
+(losses, a non-finite flag, the stop request, grad-norm parts) that every rank needs anyway, and only then
+the optimizer step. So a NaN/inf loss is caught before it reaches the weights, and a SIGTERM seen by any
+rank stops every rank after the same iteration.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from launcher.training.checkpoint import Checkpointer
+from launcher.training.data import Batches, build_datasets
+from launcher.training.distributed import Placement, all_reduce_sum, barrier, init_distributed
+from launcher.training.metrics import ExpertLoad, MetricsWriter, flops_per_token, format_train_line
+from launcher.training.optim import build_optimizer, set_lr
+from launcher.training.schedule import LRSchedule
+from launcher.training.signals import StopRequest
+
+# Slots of the per-iteration all-reduce.
+LM, AUX, Z, NONFINITE, STOP, DENSE_SQ, EXPERT_SQ = range(7)
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message says where and what to try."""
+
+
+def engine_config(cfg, ds_config_path: Path | None) -> dict:
+    """The DeepSpeed JSON the launcher wrote beside the run config (or the same, rebuilt)."""
+    if ds_config_path is not None and ds_config_path.is_file():
+        ds = json.loads(ds_config_path.read_text())
+    else:
+        from launcher.ds_config import build_ds_config
+
+        ds = build_ds_config(cfg)
+    if cfg.sp_size > 1:
+        # DeepSpeed sees the ranks of a sequence-parallel group as data-parallel ranks (it averages gradients
+        # over all of them, which is right: each holds the mean loss of its slice of the same samples), so its
+        # batch-size check counts micro batches per rank over the whole world.
+        ds = dict(ds, train_batch_size=cfg.micro_batch * cfg.grad_accum * cfg.world_size)
+    return ds
+
+
+def build_model(cfg, mcfg, placement: Placement):
+    from model.gpt import GPTMoE
+
+    # The same seed on every rank: the model draws its experts' seed from it and initialises each expert by
+    # its global id, so expert-parallel ranks hold different experts of one consistent model.
+    torch.manual_seed(cfg.seed)
+    model = GPTMoE(mcfg, ep_rank=placement.rank % cfg.ep_size)  # DeepSpeed's EP groups: consecutive ranks
+    if cfg.sp_size > 1:
+        from model.parallel import apply_sequence_parallel
+
+        apply_sequence_parallel(model, placement.sp_group)
+    # From here each rank draws its own random numbers (random token selection, dropout).
+    torch.manual_seed(cfg.seed + 1 + placement.rank)
+    return model
+
+
+class Trainer:
+    def __init__(self, cfg, ds_config_path: Path | None = None):
+        import deepspeed
+        from launcher.data.tokenizer import load_tokenizer
+
+        self.cfg = cfg
+        self.placement = p = init_distributed(cfg)
+        tokenizer = load_tokenizer(cfg.resolved_tokenizer_path, kind=cfg.tokenizer)
+        self.mcfg = cfg.model_config(tokenizer.vocab_size)
+        model = build_model(cfg, self.mcfg, p)
+        ds = engine_config(cfg, ds_config_path)
+        if cfg.recompute == "full":
+            deepspeed.checkpointing.configure(None, deepspeed_config=ds)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds)
+        # ZeRO and the mixed-precision optimizers report the grad norm they clipped with; plain fp32 does not.
+        self.own_grad_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
+        self.expert_replicas = p.world_size // cfg.ep_size  # ranks holding each expert (expert-data-parallel)
+        self.train_data, self.valid_data = build_datasets(cfg, p, barrier, tokenizer.vocab_size)
+        self.batches = Batches(cfg, p)
+        self.schedule = LRSchedule.from_run_config(cfg)
+        self.checkpointer = Checkpointer(cfg, self.mcfg, p, self.engine, cfg.resolved_tokenizer_path)
+        self.flops_per_token = flops_per_token(self.mcfg, cfg.seq_len)
+
+    # ------------------------------------------------------------------ one iteration
+    def _grad_sq(self) -> tuple[float, float]:
+        """Squared grad norms (dense, this rank's experts), for the fp32 no-ZeRO case DeepSpeed does not report."""
+        from deepspeed.moe.utils import is_moe_param
+
+        dense = expert = 0.0
+        for param in self.engine.module.parameters():
+            if param.grad is not None:
+                sq = float(param.grad.detach().float().pow(2).sum())
+                if is_moe_param(param):
+                    expert += sq
+                else:
+                    dense += sq
+        return dense, expert
+
+    def train_iteration(self, iteration: int, stop: StopRequest, load: ExpertLoad) -> list[float]:
+        """0-based `iteration`; returns the all-reduced vector (see the slots above), summed over ranks."""
+        cfg, engine = self.cfg, self.engine
+        set_lr(engine.optimizer, self.schedule(iteration))
+        sums = torch.zeros(3, dtype=torch.float64)
+        for micro_step in range(cfg.grad_accum):
+            batch = self.batches.train(self.train_data, iteration, micro_step)
+            out = engine(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids)
+            aux = _as_tensor(out.aux_loss, out.loss)
+            z = _as_tensor(out.z_loss, out.loss)
+            engine.backward(out.loss + aux + z)
+            sums += torch.stack([out.loss.detach(), aux.detach(), z.detach()]).double().cpu()
+            load.add(out.moe_stats)
+            if micro_step < cfg.grad_accum - 1:
+                engine.step()  # DeepSpeed's convention: a no-op inside the accumulation window
+        nonfinite = 0.0 if bool(torch.isfinite(sums).all()) else 1.0
+        dense_sq, expert_sq = self._grad_sq() if self.own_grad_norm else (0.0, 0.0)
+        vector = torch.cat([sums / cfg.grad_accum, torch.tensor([nonfinite, float(stop.requested is not None),
+                                                                 dense_sq, expert_sq], dtype=torch.float64)])
+        reduced = all_reduce_sum(vector, self.placement.device).tolist()
+        if reduced[NONFINITE] and cfg.precision != "fp16":
+            # fp16 has DeepSpeed's loss scaler, which skips the step and lowers the scale; fp32/bf16 have none.
+            world = self.placement.world_size
+            raise TrainingStopped(
+                f"iteration {iteration + 1}: the loss is not finite (lm {reduced[LM] / world:.4g}, aux "
+                f"{reduced[AUX] / world:.4g}, z {reduced[Z] / world:.4g}) on {int(reduced[NONFINITE])} of {world} "
+                f"ranks; the step was not applied. Resume from the last checkpoint with a lower --lr, a longer "
+                f"warm-up (WARMUP_TOKENS) or --clip-grad, or check the data")
+        engine.step()
+        return reduced
+
+    def grad_norm(self, reduced: list[float]) -> float:
+        if self.own_grad_norm:
+            world = self.placement.world_size
+            return math.sqrt(reduced[DENSE_SQ] / world + reduced[EXPERT_SQ] / self.expert_replicas)
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean LM loss over the validation set's first `eval_iters` global micro batches, and perplexity."""
+        if self.cfg.eval_iters == 0 or self.valid_data is None or len(self.valid_data) == 0:
+            return {}
+        self.engine.eval()
+        total = 0.0
+        for step in range(self.cfg.eval_iters):
+            batch = self.batches.valid(self.valid_data, step)
+            total += float(self.engine(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids).loss)
+        self.engine.train()
+        loss = float(all_reduce_sum([total], self.placement.device)[0]) / (self.cfg.eval_iters * self.placement.world_size)
+        return {"loss": loss, "ppl": math.exp(min(loss, 700.0))}
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> int:
+        cfg, p = self.cfg, self.placement
+        start = self.checkpointer.resume()
+        writer = MetricsWriter(cfg, p.is_main, start)
+        if start >= cfg.train_iters:
+            writer.message(f"already trained: {start} of {cfg.train_iters} iterations are in the checkpoint")
+        elif start:
+            writer.message(f"resumed from iteration {start} ({start * cfg.tokens_per_iter:,} tokens)")
+        load = ExpertLoad(self.mcfg.moe_layer_indices())
+        interval = {"lm": 0.0, "aux": 0.0, "z": 0.0, "iters": 0, "time": 0.0}
+        skipped_before = self.engine.skipped_steps
+        last_eval = None
+        iteration = start
+        try:
+            with StopRequest() as stop:
+                while iteration < cfg.train_iters:
+                    t0 = time.perf_counter()
+                    reduced = self.train_iteration(iteration, stop, load)
+                    elapsed = time.perf_counter() - t0
+                    iteration += 1
+                    world = p.world_size
+                    interval["lm"] += reduced[LM] / world
+                    interval["aux"] += reduced[AUX] / world
+                    interval["z"] += reduced[Z] / world
+                    interval["iters"] += 1
+                    interval["time"] += elapsed
+                    writer.step(cfg.tokens_per_iter / elapsed, float(reduced[LM]) / world)
+                    if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters or reduced[STOP]:
+                        self._log(writer, iteration, interval, reduced, load, skipped_before)
+                        skipped_before = self.engine.skipped_steps
+                    if iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters:
+                        last_eval = self._eval(writer, iteration)
+                    if iteration % cfg.save_interval == 0 or iteration == cfg.train_iters or reduced[STOP]:
+                        self._save(writer, iteration)
+                    if reduced[STOP]:
+                        writer.message(f"{stop.requested or 'stop request from another rank'}: checkpoint saved at "
+                                       f"iteration {iteration}; run the same command again to resume")
+                        return 0
+        finally:
+            writer.close()
+        if last_eval and p.is_main:
+            print(f"done: {iteration} iterations, {iteration * cfg.tokens_per_iter:,} tokens; validation loss "
+                  f"{last_eval['loss']:.4f}, perplexity {last_eval['ppl']:.2f}", flush=True)
+        return 0
+
+    def _log(self, writer, iteration, interval, reduced, load, skipped_before) -> None:
+        n = interval["iters"]
+        tokens_per_s = n * self.cfg.tokens_per_iter / interval["time"]
+        values = {"lm_loss": interval["lm"] / n, "aux_loss": interval["aux"] / n, "z_loss": interval["z"] / n,
+                  "lr": self.schedule(iteration - 1), "grad_norm": self.grad_norm(reduced),
+                  "tokens_per_s": tokens_per_s,
+                  "tflops_per_process": tokens_per_s * self.flops_per_token / self.placement.world_size / 1e12,
+                  "tokens": iteration * self.cfg.tokens_per_iter,
+                  "eta_s": (self.cfg.train_iters - iteration) * interval["time"] / n,
+                  "skipped_steps": self.engine.skipped_steps - skipped_before,
+                  "experts": load.reduce(self.placement.device)}
+        writer.message(format_train_line(iteration, self.cfg.train_iters, values))
+        writer.record("train", iteration, values)
+        interval.update(lm=0.0, aux=0.0, z=0.0, iters=0, time=0.0)
+
+    def _eval(self, writer, iteration) -> dict:
+        result = self.evaluate()
+        if result:
+            writer.message(f"validation at iteration {iteration}: loss {result['loss']:.4f}, "
+                           f"perplexity {result['ppl']:.2f}")
+            writer.record("valid", iteration, result)
+            writer.flush()
+        return result
+
+    def _save(self, writer, iteration) -> None:
+        t0 = time.perf_counter()
+        tag_dir = self.checkpointer.save(iteration, iteration * self.cfg.tokens_per_iter)
+        if tag_dir is not None:
+            writer.message(f"checkpoint saved: {tag_dir} ({time.perf_counter() - t0:.1f} s)")
+
+
+def _as_tensor(value, like: torch.Tensor) -> torch.Tensor:
+    """The model's aux/z losses may be plain 0 for a dense model."""
+    if value is None:
+        return torch.zeros((), dtype=like.dtype, device=like.device)
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+
+
+def pretrain(cfg, ds_config_path: Path | None = None) -> int:
+    """Run (or resume) the training `cfg` describes on this process; returns the exit code."""
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury the progress
+    trainer = Trainer(cfg, ds_config_path)
+    try:
+        return trainer.run()
+    except TrainingStopped as exc:
+        if trainer.placement.is_main:
+            print(f"error: {exc}", flush=True)
+        return 1
