@@ -83,6 +83,8 @@ def iter_jsonl(path: Path, keys: Sequence[str]) -> Iterator[tuple[int, dict]]:
 @contextmanager
 def _datasets_quietly():
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets  # noqa: F401  (first: importing it resets its logger's level)
+
     logger = logging.getLogger("datasets")
     level = logger.level
     # datasets logs a parse failure at ERROR before raising it; we report it our way.
