@@ -38,7 +38,7 @@ def prepare_data(cfg) -> None:
 
     out = cfg.default_data_dir
     with _file_lock(out.parent / f".{out.name}.lock"):
-        build_stdlib_corpus(out, tokenizer_kind=cfg.tokenizer, vocab_size=cfg.vocab_size)
+        build_stdlib_corpus(out.parent, tokenizer_kind=cfg.tokenizer, vocab_size=cfg.vocab_size)
 
 
 def tokenizer_vocab_size(cfg) -> int | None:

@@ -258,7 +258,8 @@ class RunConfig:
     @property
     def default_data_dir(self) -> Path:
         """The embedded corpus (the Python standard library's sources), tokenized for this run's tokenizer."""
-        return Path(self.output_basepath) / "data" / f"stdlib-{self.tokenizer}-v{self.vocab_size}"
+        # The folder build_stdlib_corpus(OUTPUT_BASEPATH/data, ...) creates for this tokenizer and vocab.
+        return Path(self.output_basepath) / "data" / f"stdlib-{self.tokenizer}-{self.vocab_size}"
 
     @property
     def resolved_tokenizer_path(self) -> str:
