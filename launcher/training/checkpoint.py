@@ -120,7 +120,7 @@ class Checkpointer:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {folder / tag}")
         rng = folder / tag / f"rng_rank_{self.placement.rank:05d}.pt"
         if rng.is_file() and state.get("world_size") == self.placement.world_size:
-            _set_rng_states(torch.load(rng, weights_only=False))
+            _set_rng_states(torch.load(rng, weights_only=False))  # our own file; numpy's state is not a tensor
         else:  # another world size: RNG streams cannot continue; make the new ones at least reproducible
             seed = self.cfg.seed + 1000 * state["iteration"] + self.placement.rank
             random.seed(seed)
@@ -140,10 +140,32 @@ class Checkpointer:
 def load_model_state(tag_dir: str | Path) -> dict:
     """One state dict for a single-process model (EP = 1) from a checkpoint of any expert-parallel size.
 
-    Expert files hold global expert ids, which are the local ids when one process holds every expert.
+    Expert files hold global expert ids, which are the local ids when one process holds every expert; the
+    model's load hook stacks DeepSpeed's per-expert keys into its own layout.
     """
     tag_dir = Path(tag_dir)
-    state = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
+    state = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=True)["module"]
     for expert_file in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
         state.update(torch.load(expert_file, map_location="cpu", weights_only=True))
     return state
+
+
+def load_for_inference(path: str | Path, device: str = "cpu"):
+    """(model in eval mode, tokenizer, tag folder) from a run folder, a checkpoints folder or a tag folder,
+    in one process: no torch.distributed, every expert local, fp32."""
+    from launcher.data.tokenizer import load_tokenizer
+    from model.config import GPTMoEConfig
+    from model.gpt import GPTMoE
+
+    found = find_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: no complete checkpoint (a run folder, a checkpoints folder with a "
+                                f"'{LATEST}' file, or a tag folder with {TRAINER_STATE})")
+    tag_dir = found[0] / found[1]
+    config = json.loads((tag_dir / "model_config.json").read_text())
+    mcfg = GPTMoEConfig.from_dict({**config, "ep_size": 1, "recompute": "none"})
+    model = GPTMoE(mcfg, ep_rank=0)
+    model.load_state_dict(load_model_state(tag_dir), strict=True)
+    model = model.float().to(device).eval()
+    tokenizer = load_tokenizer(tag_dir / "tokenizer")
+    return model, tokenizer, tag_dir
