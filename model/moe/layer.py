@@ -89,33 +89,43 @@ class MoECore(nn.Module):
         return y_TD, routing, counts_E
 
     def _plan(self, routing: Routing, x_TD: Tensor):
-        """Pick the dispatch layout; with EP > 1 also agree on the buffer size and gather global counts."""
+        """Bookkeeping between routing and dispatch: with EP > 1, agree with the other ranks on counts,
+        buffer size and expert-choice calibration (one all-reduce); then pick the dispatch layout."""
         num_tokens = x_TD.shape[0]
-        counts_E = routing.counts_E
-        capacity = routing.capacity
+        counts_E, capacity, calibration_E = routing.counts_E, routing.capacity, routing.calibration_E
         if self.ep_size > 1:
             if self.ep_group is None:
                 raise RuntimeError(f"ep_size={self.ep_size} needs the expert-parallel group: run under "
-                                   "deepspeed.initialize, or call model.parallel.set_expert_parallel_group first")
-            # One collective gives both every rank's counts (-> global counts for the stats) and the
-            # busiest expert anywhere (-> a dropless capacity every rank agrees on).
-            table_PE = counts_E.new_zeros(self.ep_size, counts_E.numel())
-            table_PE[self.ep_rank] = counts_E
-            dist.all_reduce(table_PE, group=self.ep_group)
-            counts_E = table_PE.sum(dim=0)
-            if capacity is None:
-                capacity = int(table_PE.max())
+                                   "deepspeed.initialize, or call model.parallel.setup_expert_parallel first")
+            counts_PE, calibration_E = self._exchange(counts_E, calibration_E)
+            counts_E = counts_PE.sum(dim=0)  # global, for the stats
+            if capacity is None:  # dropless: size the buffer for the busiest expert on any rank
+                capacity = int(counts_PE.max())
                 if not self.training:
                     # A floor keeps eval buffers the same size from step to step; never a limit.
                     floor = math.ceil(num_tokens * self.experts_per_token / self.num_experts * self.eval_capacity_factor)
                     capacity = max(capacity, floor, self.min_capacity)
                 capacity = max(capacity, 1)
-        elif capacity is None and grouped_mm_supported(x_TD):
+        if calibration_E is not None:
+            self.gate.calibrate(calibration_E)
+        if capacity is None and grouped_mm_supported(x_TD):
             return counts_E, GroupedDispatcher(routing, num_tokens)
-        elif capacity is None:
-            capacity = max(int(counts_E.max()), 1) if counts_E.numel() else 1
+        if capacity is None:
+            capacity = max(int(counts_E.max()), 1)
         return counts_E, CapacityDispatcher(routing, self.num_experts, capacity, num_tokens,
                                             self.ep_group, self.ep_size)
+
+    def _exchange(self, counts_E: Tensor, calibration_E: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """All ranks' expert counts (P, E), and the group's mean calibration sample, in one all-reduce."""
+        e = counts_E.numel()
+        width = e if calibration_E is None else 2 * e
+        table = torch.zeros(self.ep_size, width, dtype=torch.float64, device=counts_E.device)
+        table[self.ep_rank, :e] = counts_E
+        if calibration_E is not None:
+            table[self.ep_rank, e:] = calibration_E
+        dist.all_reduce(table, group=self.ep_group)
+        mean_calibration = None if calibration_E is None else table[:, e:].mean(dim=0).to(calibration_E.dtype)
+        return table[:, :e].round().long(), mean_calibration
 
 
 class MoELayer(MoE):

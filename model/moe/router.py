@@ -40,6 +40,9 @@ class Routing:
     aux_loss: Tensor  # fp32 scalar, not yet weighted by its coefficient
     z_loss: Tensor  # fp32 scalar, not yet weighted by its coefficient
     dropped_fraction: Tensor  # fp32 scalar: token choice: routes over capacity; expert choice: tokens no expert took
+    # expert choice in training: each expert's lowest accepted score, to calibrate inference thresholds with
+    # (averaged over the expert-parallel group first, so every rank keeps the same thresholds)
+    calibration_E: Tensor | None = None
 
 
 def load_balancing_loss(probs_TE: Tensor, first_choice_T: Tensor) -> Tensor:
@@ -184,7 +187,8 @@ class ExpertChoiceRouter(Router):
     values), and we keep it for training. Inference must not do this: a generated token cannot wait for
     future tokens, and a prompt's logits must not depend on its batch mates. So in eval mode the router
     decides per token, against per-expert thresholds calibrated in training: `ec_threshold[e]` is a
-    moving average of the score of the C-th (last) token expert e accepted in each training batch. A token
+    moving average of the score of the C-th (last) token expert e accepted in each training batch (the MoE
+    layer feeds `calibrate` once per step, averaged over the expert-parallel group). A token
     goes to expert e iff its probability for e reaches that threshold, which admits the same share of tokens
     per expert as training did, in expectation. This is causal, batch-independent, deterministic and dropless.
     Before any training step has calibrated the thresholds (NaN), eval falls back to each token's
@@ -205,7 +209,7 @@ class ExpertChoiceRouter(Router):
             capacity = expert_capacity(round(num_tokens * self.top_k), num_experts, self.capacity_factor,
                                        self.min_capacity, num_tokens)
             score_EC, token_EC = probs_TE.t().topk(capacity, dim=1)  # each expert's best C tokens
-            self._calibrate(score_EC[:, -1].detach())
+            calibration_E = score_EC[:, -1].detach()
             token_R, weight_R = token_EC.flatten(), score_EC.flatten()
             expert_R = torch.arange(num_experts, device=device).repeat_interleave(capacity)
             # Routes already come grouped by expert, one full buffer row each.
@@ -213,7 +217,7 @@ class ExpertChoiceRouter(Router):
             position_R = torch.arange(capacity, device=device).repeat(num_experts)
             counts_E = torch.full((num_experts,), capacity, dtype=torch.long, device=device)
         else:
-            capacity = None
+            capacity, calibration_E = None, None
             if torch.isnan(self.ec_threshold).any():
                 k = max(1, min(num_experts, round(self.top_k * self.capacity_factor)))
                 chosen_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(
@@ -227,10 +231,11 @@ class ExpertChoiceRouter(Router):
         return Routing(
             token_R=token_R, expert_R=expert_R, weight_R=weight_R, position_R=position_R, order_R=order_R,
             counts_E=counts_E, capacity=capacity, aux_loss=probs_TE.new_zeros(()), z_loss=router_z_loss(logits_TE),
-            dropped_fraction=1.0 - taken_T.float().mean())
+            dropped_fraction=1.0 - taken_T.float().mean(), calibration_E=calibration_E)
 
     @torch.no_grad()
-    def _calibrate(self, last_accepted_E: Tensor) -> None:
+    def calibrate(self, last_accepted_E: Tensor) -> None:
+        """Fold one training batch's lowest accepted scores into the inference thresholds."""
         # Activation recomputation replays the forward inside backward; count each step once.
         if torch._C._current_graph_task_id() != -1:
             return

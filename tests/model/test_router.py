@@ -121,7 +121,7 @@ def test_expert_choice_inference_is_per_token_against_calibrated_thresholds():
     # Not calibrated yet: each token's round(top_k * capacity_factor) = 1 best expert.
     assert set(_routes(r(torch.log(probs)))) == {(0, 0), (1, 0), (2, 1), (3, 0), (4, 1), (5, 0)}
     r.train()
-    r(torch.log(probs))  # thresholds: expert 0 accepted down to .55, expert 1 down to .5
+    r.calibrate(r(torch.log(probs)).calibration_E)  # expert 0 accepted down to .55, expert 1 down to .5
     torch.testing.assert_close(r.ec_threshold, torch.tensor([0.55, 0.5]))
     r.eval()
     routing = r(torch.log(torch.tensor([[0.56, 0.44], [0.5, 0.5], [0.54, 0.46]])))

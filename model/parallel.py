@@ -1,0 +1,69 @@
+"""Parallelism applied from outside the single-device model.
+
+Expert parallelism: each MoE layer needs the process group of the ranks that share its experts.
+Under `deepspeed.initialize` the engine creates DeepSpeed's groups and hands them to every MoE layer
+(`MoE.set_deepspeed_parallelism`); nothing to do here. Without the engine, call `setup_expert_parallel`
+(DeepSpeed's groups, needs `deepspeed.init_distributed()`) or `set_expert_parallel_group` (any group).
+
+Sequence parallelism (DeepSpeed-Ulysses): `apply_sequence_parallel` wraps each block's attention core in
+`deepspeed.sequence.layer.DistributedAttention`. Each rank then holds S/P positions of every sequence and
+passes their `position_ids`; attention all-to-alls to H/P heads over all S positions and back.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .moe.layer import MoELayer
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """MoE layers in module order (DeepSpeed numbers its expert checkpoint files in this order)."""
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def set_expert_parallel_group(model: nn.Module, group) -> None:
+    """Give every MoE layer the expert-parallel process group it exchanges tokens over."""
+    for layer in moe_layers(model):
+        layer.deepspeed_moe._set_ep_group(group)
+
+
+def setup_expert_parallel(model: nn.Module, use_data_before_expert_parallel: bool = False) -> None:
+    """Create DeepSpeed's expert- and expert-data-parallel groups and attach them, as the engine would."""
+    for layer in moe_layers(model):
+        layer.set_deepspeed_parallelism(use_data_before_expert_parallel)
+
+
+class UlyssesAttention(nn.Module):
+    """A block's attention core behind DeepSpeed's DistributedAttention: (B, S/P, H, Dh) in and out."""
+
+    def __init__(self, core: nn.Module, sp_group):
+        super().__init__()
+        from deepspeed.sequence.layer import DistributedAttention
+
+        # scatter heads (dim 2), gather the sequence (dim 1): the layout AttentionCore takes
+        self.dist_attn = DistributedAttention(core, sp_group, scatter_idx=2, gather_idx=1)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+                is_causal: bool = True) -> Tensor:
+        if attn_mask is not None:
+            raise ValueError("sequence parallelism runs plain causal attention only (no KV cache, no padding mask)")
+        return self.dist_attn(q, k, v, 0, None, attn_mask=None, is_causal=is_causal)
+
+
+def apply_sequence_parallel(model: nn.Module, sp_group) -> nn.Module:
+    """Wrap every attention core of `model` (a GPTMoE or anything holding its blocks) for Ulysses."""
+    for module in list(model.modules()):
+        core = getattr(module, "core", None)
+        if core is not None and not isinstance(core, UlyssesAttention) and hasattr(module, "qkv"):
+            module.core = UlyssesAttention(core, sp_group)
+    return model
+
+
+def sequence_shard(x: Tensor, rank: int, world: int, dim: int = 1) -> tuple[Tensor, Tensor]:
+    """This rank's contiguous slice of the sequence dimension, and its position ids (1, S/P)."""
+    n = x.shape[dim]
+    if n % world:
+        raise ValueError(f"sequence length {n} is not divisible by the sequence-parallel size {world}")
+    step = n // world
+    return x.narrow(dim, rank * step, step), torch.arange(rank * step, (rank + 1) * step, device=x.device)[None]
