@@ -188,6 +188,14 @@ class IndexedDataset:
         # np.memmap refuses empty files; an empty dataset is still a valid one.
         self._tokens = np.memmap(bin_path, dtype=self.dtype, mode="r") if size else np.empty(0, self.dtype)
 
+    def __getstate__(self) -> dict:
+        # Pickling a memmap copies the whole file into the pickle: send the prefix and re-open instead
+        # (DataLoader workers under the spawn start method).
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["prefix"])
+
     def __len__(self) -> int:
         return len(self.sizes)
 

@@ -15,6 +15,11 @@ _HAN_RUN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003
 _segmenter = None  # one jieba.Tokenizer per process, loaded on first use (~0.5 s)
 
 
+def load():
+    """Load jieba's dictionary now, e.g. before forking workers, so they share it instead of each loading it."""
+    return _jieba()
+
+
 def _jieba():
     global _segmenter
     if _segmenter is None:

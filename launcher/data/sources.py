@@ -29,7 +29,8 @@ def input_kind(path: Path) -> str:
 
 
 def expand_inputs(inputs: Sequence) -> list[Path]:
-    """Files named, plus the non-hidden, non-empty files under folders named (sorted, recursive)."""
+    """Files named, plus the non-empty files under folders named (sorted, recursive), leaving out
+    hidden files and folders and __pycache__ (compiled Python, not text)."""
     if not inputs:
         raise UsageError("no input given")
     files: list[Path] = []
@@ -38,7 +39,8 @@ def expand_inputs(inputs: Sequence) -> list[Path]:
         if path.is_dir():
             found = sorted(
                 f for f in path.rglob("*")
-                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
+                if f.is_file() and not any(part.startswith(".") or part == "__pycache__"
+                                           for part in f.relative_to(path).parts)
             )
             # Empty files are common inside folders (__init__.py) and hold no document.
             found = [f for f in found if f.stat().st_size > 0]

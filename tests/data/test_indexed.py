@@ -172,3 +172,13 @@ def test_missing_file(tmp_path, missing):
     os.remove(prefix + missing)
     with pytest.raises(UsageError, match=f"d{missing} not found"):
         IndexedDataset(prefix)
+
+
+def test_pickles_by_prefix_not_by_contents(tmp_path):
+    import pickle
+
+    ds = IndexedDataset(_write(tmp_path / "d", docs=[list(range(1000))] * 20))
+    blob = pickle.dumps(ds)
+    assert len(blob) < 500  # not the 40 KB of tokens
+    again = pickle.loads(blob)
+    assert len(again) == 20 and again[3].tolist() == list(range(1000))

@@ -24,6 +24,8 @@ def _corpus(tmp_path, sample_texts):
     (src / "folder" / "sub" / "c.py").write_text(sample_texts[2], encoding="utf-8")
     (src / "folder" / "empty.txt").write_text("")  # skipped inside folders
     (src / "folder" / ".hidden").write_text("not read")
+    (src / "folder" / "__pycache__").mkdir()
+    (src / "folder" / "__pycache__" / "c.cpython-311.pyc").write_bytes(b"\xff\xfe compiled")  # not read
     (src / "a.txt").write_text(sample_texts[0], encoding="utf-8")
     (src / "d.jsonl").write_text(
         json.dumps({"text": sample_texts[3], "id": 1}) + "\n\n" + json.dumps({"text": sample_texts[4]}) + "\n",
