@@ -28,7 +28,6 @@ from launcher.training.distributed import barrier
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
-MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 def tag_for(iteration: int) -> str:
@@ -137,23 +136,11 @@ class Checkpointer:
                                  f"run has {mine}; exact resumption needs the same value")
 
 
-def load_model_state(tag_dir: str | Path) -> dict:
-    """One state dict for a single-process model (EP = 1) from a checkpoint of any expert-parallel size.
-
-    Expert files hold global expert ids, which are the local ids when one process holds every expert; the
-    model's load hook stacks DeepSpeed's per-expert keys into its own layout.
-    """
-    tag_dir = Path(tag_dir)
-    state = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=True)["module"]
-    for expert_file in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
-        state.update(torch.load(expert_file, map_location="cpu", weights_only=True))
-    return state
-
-
 def load_for_inference(path: str | Path, device: str = "cpu"):
     """(model in eval mode, tokenizer, tag folder) from a run folder, a checkpoints folder or a tag folder,
     in one process: no torch.distributed, every expert local, fp32."""
     from launcher.data.tokenizer import load_tokenizer
+    from model.checkpoint import load_deepspeed_checkpoint
     from model.config import GPTMoEConfig
     from model.gpt import GPTMoE
 
@@ -165,7 +152,7 @@ def load_for_inference(path: str | Path, device: str = "cpu"):
     config = json.loads((tag_dir / "model_config.json").read_text())
     mcfg = GPTMoEConfig.from_dict({**config, "ep_size": 1, "recompute": "none"})
     model = GPTMoE(mcfg, ep_rank=0)
-    model.load_state_dict(load_model_state(tag_dir), strict=True)
+    load_deepspeed_checkpoint(model, found[0], found[1])  # every expert's file, whatever EP wrote them
     model = model.float().to(device).eval()
     tokenizer = load_tokenizer(tag_dir / "tokenizer")
     return model, tokenizer, tag_dir

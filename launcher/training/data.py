@@ -18,7 +18,7 @@ import torch
 class Batch:
     input_ids: torch.Tensor  # (B, T_local)
     labels: torch.Tensor  # (B, T_local), already shifted: labels[:, t] is the token after input_ids[:, t]
-    position_ids: torch.Tensor | None  # (T_local,), only under sequence parallelism
+    position_ids: torch.Tensor | None  # (1, T_local), only under sequence parallelism
 
     @property
     def num_tokens(self) -> int:
@@ -73,7 +73,7 @@ class Batches:
             chunk = self.seq_len // p.sp_size
             lo, hi = p.sp_rank * chunk, (p.sp_rank + 1) * chunk
             input_ids, labels = input_ids[:, lo:hi], labels[:, lo:hi]
-            position_ids = torch.arange(lo, hi)
+            position_ids = torch.arange(lo, hi)[None]
         move = lambda t: None if t is None else t.contiguous().to(p.device, non_blocking=True)  # noqa: E731
         return Batch(move(input_ids), move(labels), move(position_ids))
 
