@@ -269,7 +269,6 @@ def preprocess(inputs: Sequence, output_prefix, tokenizer_kind: str | None = Non
         documents, tokens, text_bytes, seconds = encode_to_indexed(
             iter_documents(files, json_key), tokenizer, str(prefix), workers, append_eod, total, progress)
         if staged is not None:
-            _make_dirs(final_dir.parent)
             tokenizer.save(staged)
             os.rename(staged, final_dir)
     except BaseException:

@@ -126,9 +126,7 @@ def test_a_crash_leaves_nothing_behind(tmp_path, capsys, sample_texts, monkeypat
         return real(self, texts)
     real = pipeline._ChunkEncoder.__call__
     monkeypatch.setattr(pipeline._ChunkEncoder, "__call__", crash)
-    monkeypatch.setattr(pipeline, "CHUNK_CHARS", 10)  # several chunks
-    _chunks = pipeline._chunks
-    monkeypatch.setattr(pipeline, "_chunks", lambda docs, max_chars=10: _chunks(docs, max_chars))
+    monkeypatch.setattr(pipeline, "_chunks", lambda docs: ([d] for d in docs))  # a chunk per document
     before = _listing(tmp_path)
     with pytest.raises(RuntimeError):
         cli.main(["--input", *inputs, "--output-prefix", str(tmp_path / "out" / "x"), "--vocab-size", "300",
