@@ -37,8 +37,11 @@ def main() -> None:
     corpus_bytes = sum(f.stat().st_size for f in files)
     report = {"corpus": "stdlib" if not args.input else [str(p) for p in args.input], "files": len(files),
               "file_mb": round(corpus_bytes / 1e6, 2), "cores": default_workers(), "vocab_size": args.vocab_size,
+              # Other processes on the machine slow every figure: the load when we started says how much.
+              "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
               "train_seconds": {}, "results": []}
-    print(f"corpus: {report['corpus']}, {len(files)} files, {corpus_bytes / 1e6:.1f} MB; {report['cores']} cores")
+    print(f"corpus: {report['corpus']}, {len(files)} files, {corpus_bytes / 1e6:.1f} MB; {report['cores']} cores, "
+          f"load average {report['load_avg_1min']}")
     with tempfile.TemporaryDirectory(prefix="bench-preprocess-") as tmp:
         for kind in args.tokenizers:
             start = time.perf_counter()
