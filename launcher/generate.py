@@ -7,6 +7,7 @@ deterministic and dropless at inference, so with --temperature 0 the output depe
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from launcher.errors import UsageError
@@ -50,15 +51,17 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
+        if args.device == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # spares DeepSpeed's "no GPU found" warning
         from launcher.training.checkpoint import load_for_inference
 
         model, tokenizer, tag_dir = load_for_inference(args.checkpoint, args.device)
+        print(f"# {tag_dir}", file=sys.stderr, flush=True)
         text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
                              args.top_p, args.seed, args.device)
     except (UsageError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"# {tag_dir}", file=sys.stderr)
     print(args.prompt + text)
     return 0
 

@@ -35,6 +35,8 @@ PRESETS: dict[str, TrainPreset] = {
     # CPU sizes: `nano` for tests (seconds), `tiny` for the demo (minutes).
     "nano": TrainPreset(1e-3, 1e-4, 8 * 64, seq_len=64, train_tokens=20 * 8 * 64,
                         warmup_tokens=2 * 8 * 64, vocab_size=512),
-    "tiny": TrainPreset(2e-3, 2e-4, 16 * 128, seq_len=128, train_tokens=300 * 16 * 128,
+    # tiny: 1000 iterations (2M tokens, ~0.6 epoch of the stdlib corpus) take 3-5 minutes on 2 CPU processes;
+    # the LM loss falls from ~8.3 to ~4.3.
+    "tiny": TrainPreset(2e-3, 2e-4, 16 * 128, seq_len=128, train_tokens=1000 * 16 * 128,
                         warmup_tokens=20 * 16 * 128, vocab_size=4096),
 }
