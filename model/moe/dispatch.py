@@ -12,8 +12,9 @@ Two layouts, one interface (dispatch -> compute -> combine):
 - `GroupedDispatcher`: the (R, D) routes sorted by expert, no padding; a grouped GEMM computes each
   expert's segment. Used for dropless routing on one rank, which includes evaluation and generation.
 
-Both gather token rows by index (no dense (T, E, C) one-hot einsum) and combine in fp32 with one
-`index_add_` over tokens, since a token's routes may be many (expert choice) or none (dropped).
+Both gather token rows by index (no dense (T, E, C) one-hot einsum) and combine in fp32: top-k routes
+come as K blocks of T tokens and are summed block-wise; expert choice, where a token may have many routes
+or none, scatter-adds over tokens.
 """
 from __future__ import annotations
 
@@ -40,10 +41,15 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.apply(grad, ctx.group), None
 
 
-def _combine(y_RD: Tensor, token_R: Tensor, weight_R: Tensor, num_tokens: int) -> Tensor:
-    # Sum each token's weighted expert outputs in fp32: bf16 sums of several routes lose precision.
-    out_TD = torch.zeros(num_tokens, y_RD.shape[-1], dtype=torch.float32, device=y_RD.device)
-    out_TD.index_add_(0, token_R, y_RD.float() * weight_R.unsqueeze(-1))
+def _combine(y_RD: Tensor, routing: Routing, num_tokens: int) -> Tensor:
+    """Weighted sum of each token's expert outputs; y_RD in route order. In fp32: bf16 sums lose precision."""
+    weighted_RD = y_RD.float() * routing.weight_R.unsqueeze(-1)
+    k = routing.routes_per_token
+    if k:
+        out_TD = weighted_RD.view(k, num_tokens, -1).sum(dim=0) if k > 1 else weighted_RD
+    else:
+        out_TD = torch.zeros(num_tokens, y_RD.shape[-1], dtype=torch.float32, device=y_RD.device)
+        out_TD.index_add_(0, routing.token_R, weighted_RD)
     return out_TD.to(y_RD.dtype)
 
 
@@ -60,7 +66,10 @@ class GroupedDispatcher:
         return experts.forward_grouped(x_RD, self.routing.counts_E)
 
     def combine(self, y_RD: Tensor) -> Tensor:
-        return _combine(y_RD, self.token_R, self.routing.weight_R[self.routing.order_R], self.num_tokens)
+        # back from expert order to route order
+        rank_R = torch.empty_like(self.routing.order_R)
+        rank_R[self.routing.order_R] = torch.arange(rank_R.numel(), device=rank_R.device)
+        return _combine(y_RD.index_select(0, rank_R), self.routing, self.num_tokens)
 
 
 class CapacityDispatcher:
@@ -96,4 +105,4 @@ class CapacityDispatcher:
             y_PLCD = y_ECD.view(y_ECD.shape[0], self.ep_size, self.capacity, d).transpose(0, 1)
             y_ECD = _AllToAll.apply(y_PLCD.reshape(self.num_experts, self.capacity, d), self.ep_group)
         y_RD = y_ECD.reshape(-1, d).index_select(0, self.read_R)
-        return _combine(y_RD, self.routing.token_R, self.routing.weight_R, self.num_tokens)
+        return _combine(y_RD, self.routing, self.num_tokens)

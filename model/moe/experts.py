@@ -1,22 +1,30 @@
-"""The experts of one MoE layer, stored stacked so that one batched or grouped GEMM computes them all.
+"""The experts of one MoE layer, stored stacked so that all of them are computed in one call.
 
 Shape suffixes: E local experts, C capacity (slots per expert), D model dim, F expert hidden dim,
 R routes sorted by expert.
 
-DeepSpeed's `Experts` keeps one module per expert and loops over them in Python; with 64 local experts
-that is 64 small GEMMs per projection and per direction. Here each projection is one parameter of shape
-(E, out, in) (nn.Linear's layout per expert), computed by `torch.bmm` on a capacity buffer or by a grouped
-GEMM on routes sorted by expert. The parameters carry DeepSpeed's expert marks (`allreduce=False`,
-`group_name`), so the engine reduces their gradients over the expert-data-parallel group only and
+DeepSpeed's `Experts` keeps one module per expert and loops over them in Python, a handful of autograd
+nodes per expert. Here each projection is one parameter of shape (E, in, out), and the experts run as
+  - one `torch.bmm` per projection on an (E, C, D) capacity buffer, or one grouped GEMM on routes sorted
+    by expert (GPUs; and CPUs with few rows per expert), or
+  - on CPUs with large per-expert chunks, `_SegmentMLP`: one autograd node whose forward and backward walk
+    the experts' row segments with plain GEMMs writing straight into the output and gradient buffers.
+    MKL's per-GEMM kernel beats its batched one there, and each expert's activation stays in cache.
+(E, in, out) rather than nn.Linear's (out, in): the weight is the GEMM's right operand as stored, and its
+gradient comes out of the backward GEMM in the parameter's own layout, with no transposing copy.
+
+The parameters carry DeepSpeed's expert marks (`allreduce=False`, `group_name`), so the engine reduces
+their gradients over the expert-data-parallel group only and
 `split_params_into_different_moe_groups_for_optimizer` puts them in their own optimizer groups.
 
 Experts are bias-free, like Switch/ST-MoE experts: a per-expert bias on sorted routes would cost a gather
 and a segmented reduction per projection, for no measurable quality.
 
 Checkpoint layout. `state_dict()` of a model holds the stacked tensors (`...experts.fc1_weight`, E_local
-rows). DeepSpeed's per-expert files use its own names, `...experts.deepspeed_experts.{i}.fc1.weight`;
-`split_stacked` and the load hook below convert between the two, so either layout loads, and a full-size
-stacked tensor (all experts, from an EP=1 model) loads into an EP>1 model by keeping this rank's rows.
+rows). DeepSpeed's per-expert files hold one nn.Linear-style expert each,
+`...experts.deepspeed_experts.{i}.fc1.weight` = fc1_weight[i].T; `split_stacked` and the load hook below
+convert between the two, so either layout loads, and a full-size stacked tensor (all experts, from an EP=1
+model) loads into an EP>1 model by keeping this rank's rows.
 """
 from __future__ import annotations
 
@@ -28,9 +36,13 @@ from torch import Tensor, nn
 PER_EXPERT_NAMES = {"fc1_weight": "fc1.weight", "fc2_weight": "fc2.weight"}
 DS_EXPERTS = "deepspeed_experts"
 
+# Measured on a 2-core Xeon (D=256, F=1024, fp32): per-expert GEMMs beat bmm and the grouped GEMM from
+# 512 rows per expert up, tied at 256, and lost below (64 experts x 64 rows: 1.3x slower than bmm).
+CPU_SEGMENT_MIN_ROWS = 256
+
 
 def gelu(x: Tensor) -> Tensor:
-    return F.gelu(x, approximate="tanh")  # GPT-2's activation
+    return F.gelu(x)  # exact (erf) GELU, as Megatron; cheaper than the tanh form on CPU
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -57,9 +69,56 @@ def grouped_mm_supported(x: Tensor) -> bool:
     return False
 
 
-def grouped_mm(x_RI: Tensor, w_EOI: Tensor, offsets_E: Tensor) -> Tensor:
-    """Rows offsets[e-1]:offsets[e] of x times w[e]^T, for every e, in one call."""
-    return _ContiguousGrad.apply(torch._grouped_mm(x_RI, w_EOI.transpose(1, 2), offs=offsets_E))
+def grouped_mm(x_RI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
+    """Rows offsets[e-1]:offsets[e] of x times w[e], for every e, in one call."""
+    return _ContiguousGrad.apply(torch._grouped_mm(x_RI, w_EIO, offs=offsets_E))
+
+
+class _SegmentMLP(torch.autograd.Function):
+    """gelu(x_e @ w1[e]) @ w2[e] for each expert's row segment x_e of x (R, D), as one autograd node.
+
+    The output and the input and weight gradients are written segment by segment into one buffer each, so
+    nothing is stacked or concatenated afterwards. Hidden activations stay per segment: one (R, F) buffer
+    would be a fresh mmap (and page faults) at every step, where per-segment blocks are recycled by malloc.
+    """
+
+    @staticmethod
+    def forward(ctx, x_RD: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, sizes: list[int]):
+        out_RD = x_RD.new_empty(x_RD.shape[0], w2_EFD.shape[2])
+        pre, act = [], []
+        start = 0
+        for e, n in enumerate(sizes):
+            pre.append(x_RD[start:start + n] @ w1_EDF[e])
+            act.append(gelu(pre[-1]))
+            torch.mm(act[-1], w2_EFD[e], out=out_RD[start:start + n])
+            start += n
+        ctx.save_for_backward(x_RD, w1_EDF, w2_EFD, *pre, *act)
+        ctx.sizes = sizes
+        return out_RD
+
+    @staticmethod
+    def backward(ctx, grad_RD: Tensor):
+        x_RD, w1_EDF, w2_EFD, *hidden = ctx.saved_tensors
+        sizes = ctx.sizes
+        pre, act = hidden[:len(sizes)], hidden[len(sizes):]
+        grad_RD = grad_RD.contiguous()
+        grad_x = torch.empty_like(x_RD)
+        grad_w1 = torch.empty_like(w1_EDF)
+        grad_w2 = torch.empty_like(w2_EFD)
+        start = 0
+        for e, n in enumerate(sizes):
+            rows = slice(start, start + n)
+            g = grad_RD[rows]
+            torch.mm(act[e].t(), g, out=grad_w2[e])
+            grad_pre = torch.ops.aten.gelu_backward(g @ w2_EFD[e].t(), pre[e])
+            torch.mm(x_RD[rows].t(), grad_pre, out=grad_w1[e])
+            torch.mm(grad_pre, w1_EDF[e].t(), out=grad_x[rows])
+            start += n
+        return grad_x, grad_w1, grad_w2, None
+
+
+def _segments_faster(x: Tensor, rows_per_expert: float) -> bool:
+    return x.device.type == "cpu" and rows_per_expert >= CPU_SEGMENT_MIN_ROWS
 
 
 class GroupedExperts(nn.Module):
@@ -71,22 +130,28 @@ class GroupedExperts(nn.Module):
         self.num_local_experts = num_local_experts
         self.num_experts = num_experts or num_local_experts  # across the expert-parallel group
         self.first_expert = first_expert  # global id of local expert 0
-        self.fc1_weight = nn.Parameter(torch.empty(num_local_experts, ffn_hidden_size, hidden_size))  # (E, F, D)
-        self.fc2_weight = nn.Parameter(torch.empty(num_local_experts, hidden_size, ffn_hidden_size))  # (E, D, F)
+        self.fc1_weight = nn.Parameter(torch.empty(num_local_experts, hidden_size, ffn_hidden_size))  # (E, D, F)
+        self.fc2_weight = nn.Parameter(torch.empty(num_local_experts, ffn_hidden_size, hidden_size))  # (E, F, D)
         for p in self.parameters():
             p.allreduce = False
             p.group_name = group_name
         self.register_load_state_dict_pre_hook(_accept_other_layouts)
 
     def forward(self, x_ECD: Tensor) -> Tensor:
-        """Capacity layout: (E, C, D) -> (E, C, D), one batched GEMM per projection."""
-        h_ECF = gelu(torch.bmm(x_ECD, self.fc1_weight.transpose(1, 2)))
-        return torch.bmm(h_ECF, self.fc2_weight.transpose(1, 2))
+        """Capacity layout: (E, C, D) -> (E, C, D)."""
+        e, c, d = x_ECD.shape
+        if _segments_faster(x_ECD, c):
+            out = _SegmentMLP.apply(x_ECD.reshape(e * c, d), self.fc1_weight, self.fc2_weight, [c] * e)
+            return out.view(e, c, -1)
+        h_ECF = gelu(torch.bmm(x_ECD, self.fc1_weight))
+        return torch.bmm(h_ECF, self.fc2_weight)
 
     def forward_grouped(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """Grouped layout: routes sorted by expert, counts_E[e] rows each -> (R, D); no padding computed."""
         if x_RD.shape[0] == 0:
             return x_RD.new_zeros(x_RD.shape)
+        if _segments_faster(x_RD, x_RD.shape[0] / self.num_local_experts):
+            return _SegmentMLP.apply(x_RD, self.fc1_weight, self.fc2_weight, counts_E.tolist())
         offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
         h_RF = gelu(grouped_mm(x_RD, self.fc1_weight, offsets_E))
         return grouped_mm(h_RF, self.fc2_weight, offsets_E)
@@ -106,12 +171,12 @@ class GroupedExperts(nn.Module):
 
 
 def split_stacked(state_dict: dict, prefix: str = "") -> dict:
-    """Stacked expert tensors under `prefix` -> DeepSpeed's per-expert keys (local numbering), in place."""
+    """Stacked expert tensors under `prefix` -> DeepSpeed's per-expert nn.Linear keys (local numbering), in place."""
     for name, per_expert in PER_EXPERT_NAMES.items():
         key = prefix + name
         if key in state_dict:
-            for i, row in enumerate(state_dict.pop(key).unbind(0)):
-                state_dict[f"{prefix}{DS_EXPERTS}.{i}.{per_expert}"] = row
+            for i, weight in enumerate(state_dict.pop(key).unbind(0)):
+                state_dict[f"{prefix}{DS_EXPERTS}.{i}.{per_expert}"] = weight.t().contiguous()
     return state_dict
 
 
@@ -122,6 +187,6 @@ def _accept_other_layouts(module: GroupedExperts, state_dict, prefix, *args) -> 
         key = prefix + name
         ds_keys = [f"{prefix}{DS_EXPERTS}.{i}.{per_expert}" for i in range(n)]
         if key not in state_dict and all(k in state_dict for k in ds_keys):
-            state_dict[key] = torch.stack([state_dict.pop(k) for k in ds_keys])
+            state_dict[key] = torch.stack([state_dict.pop(k).t() for k in ds_keys])
         elif key in state_dict and n != module.num_experts and state_dict[key].shape[0] == module.num_experts:
             state_dict[key] = state_dict[key][module.first_expert:module.first_expert + n]

@@ -43,6 +43,9 @@ class Routing:
     # expert choice in training: each expert's lowest accepted score, to calibrate inference thresholds with
     # (averaged over the expert-parallel group first, so every rank keeps the same thresholds)
     calibration_E: Tensor | None = None
+    # K when routes are K-major blocks over all T tokens (token_R = arange(T) repeated K times, top-k
+    # routers): combine is then a sum over K blocks instead of a scatter-add. 0 otherwise (expert choice).
+    routes_per_token: int = 0
 
 
 def load_balancing_loss(probs_TE: Tensor, first_choice_T: Tensor) -> Tensor:
@@ -171,7 +174,7 @@ class TopKRouter(Router):
             token_R=torch.arange(num_tokens, device=x_TD.device).repeat(self.k), expert_R=expert_R,
             weight_R=gate_KT.flatten(), position_R=position_R, order_R=order_R, counts_E=counts_E,
             capacity=capacity, aux_loss=load_balancing_loss(probs_TE, first_T), z_loss=router_z_loss(logits_TE),
-            dropped_fraction=dropped)
+            dropped_fraction=dropped, routes_per_token=self.k)
 
 
 class ExpertChoiceRouter(Router):
@@ -237,7 +240,8 @@ class ExpertChoiceRouter(Router):
     def calibrate(self, last_accepted_E: Tensor) -> None:
         """Fold one training batch's lowest accepted scores into the inference thresholds."""
         # Activation recomputation replays the forward inside backward; count each step once.
-        if torch._C._current_graph_task_id() != -1:
+        in_backward = getattr(torch._C, "_current_graph_task_id", lambda: -1)() != -1
+        if in_backward:
             return
         fresh = torch.isnan(self.ec_threshold)
         blended = EC_THRESHOLD_MOMENTUM * self.ec_threshold + (1 - EC_THRESHOLD_MOMENTUM) * last_accepted_E

@@ -51,7 +51,7 @@ def test_same_outputs_and_gradients_as_deepspeed(k, drop_tokens, use_residual):
     torch.testing.assert_close(ours.deepspeed_moe.gate.wg.weight.grad, ds.deepspeed_moe.gate.wg.weight.grad)
     ds_experts = ds.deepspeed_moe.experts.deepspeed_experts
     for name in ("fc1", "fc2"):
-        want = torch.stack([getattr(e, name).weight.grad for e in ds_experts])
+        want = torch.stack([getattr(e, name).weight.grad.t() for e in ds_experts])  # (E, in, out)
         torch.testing.assert_close(getattr(ours.deepspeed_moe.experts, f"{name}_weight").grad, want)
     if use_residual:
         torch.testing.assert_close(ours.coefficient.weight.grad, ds.coefficient.weight.grad)

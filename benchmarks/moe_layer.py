@@ -1,0 +1,139 @@
+"""Forward + backward time of our MoE layer against a dense FFN of the same active FLOPs and DeepSpeed's MoE.
+
+    python benchmarks/moe_layer.py [--tokens 4096] [--hidden 256] [--ffn 1024] [--experts 8 64] [--repeats 10]
+
+For each expert count E it times, on the same random input and output gradient:
+  dense k=1   one FFN D -> F -> D: the active FLOPs of top-1
+  dense k=2   one FFN D -> 2F -> D: the active FLOPs of top-2 and of expert choice at 2 experts per token
+  ours        every router (top-1, top-2, expert choice at 2 experts/token), token-dropping and dropless
+  deepspeed   deepspeed.moe.layer.MoE with the same settings (top-1, top-2; it has no expert choice)
+Expert choice has a fixed capacity by definition, so it has no dropless training mode (its dropless path is
+per-token inference routing). Every MoE includes its router, dispatch, combine and the balancing loss in the
+backward pass. Times are medians over --repeats runs after warm-up; ratios are to the FLOP-matched dense
+FFN. The last line printed is one JSON object with every median and ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.config import GPTMoEConfig  # noqa: E402
+from model.moe.layer import MLP, MoELayer  # noqa: E402
+
+ROUTERS = {"top1": dict(router_type=0), "top2": dict(router_type=2),
+           "ec": dict(router_type=1, top_k=2.0)}  # expert choice, 2 experts per token on average
+DENSE_WIDTH = {"top1": 1, "top2": 2, "ec": 2}  # FFN width multiple with the same active FLOPs
+
+
+def timed(steps: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median ms per step. Steps run round-robin, so a slow spell on a shared machine hits all of them."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {key: [] for key in steps}
+    for _ in range(repeats):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(t) * 1000.0 for key, t in times.items()}
+
+
+def fwd_bwd(module, x, grad, params):
+    """One forward + backward; the MoE's balancing loss joins the backward like in training."""
+    def step():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        out = module(x)
+        if isinstance(out, torch.Tensor):
+            out.backward(grad)
+            return
+        hidden, aux = out[0], out[1]
+        if aux.requires_grad:  # expert choice has no balancing loss
+            torch.autograd.backward([hidden, aux], [grad, torch.ones_like(aux)])
+        else:
+            hidden.backward(grad)
+    return step
+
+
+def ours(args, num_experts: int, router: str, drop: bool) -> MoELayer:
+    cfg = GPTMoEConfig(vocab_size=128, seq_len=8, num_layers=2, hidden_size=args.hidden, num_heads=1,
+                       ffn_hidden_size=args.ffn, num_experts=num_experts, drop_tokens=drop, **ROUTERS[router])
+    layer = MoELayer(cfg, num_experts)
+    layer.reset_parameters(0.02, 0.02)
+    return layer.train()
+
+
+def deepspeed_moe(args, num_experts: int, router: str, drop: bool):
+    from deepspeed.moe.layer import MoE
+
+    layer = MoE(args.hidden, MLP(args.hidden, args.ffn, bias=False), num_experts=num_experts, ep_size=1,
+                k=1 if router == "top1" else 2, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=4,
+                drop_tokens=drop, use_rts=True, top2_2nd_expert_sampling=False)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return layer.train()
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--ffn", type=int, default=1024)
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x = torch.randn(args.tokens, args.hidden, requires_grad=True)
+    grad = torch.randn(args.tokens, args.hidden)
+    print(f"# {args.tokens} tokens, hidden {args.hidden}, ffn {args.ffn}, fp32, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; forward+backward, median of {args.repeats} (ms)")
+
+    result = {"tokens": args.tokens, "hidden": args.hidden, "ffn": args.ffn, "threads": torch.get_num_threads(),
+              "ms": {}, "ratio": {}}
+    for e in args.experts:
+        steps = {}
+        for width in sorted(set(DENSE_WIDTH.values())):
+            mlp = MLP(args.hidden, width * args.ffn, bias=False)
+            steps[f"dense_k{width}"] = fwd_bwd(mlp, x, grad, list(mlp.parameters()))
+        for router in ROUTERS:
+            for drop in (True, False):
+                if router == "ec" and not drop:
+                    continue
+                impls = {"ours": ours} if router == "ec" else {"ours": ours, "deepspeed": deepspeed_moe}
+                for name, make in impls.items():
+                    torch.manual_seed(1)
+                    layer = make(args, e, router, drop)
+                    steps[f"E{e}/{router}/{'drop' if drop else 'dropless'}/{name}"] = fwd_bwd(
+                        layer, x, grad, list(layer.parameters()))
+        ms = timed(steps, args.repeats)
+        for key, value in ms.items():
+            if key.startswith("dense"):
+                result["ms"][f"E{e}/{key}"] = round(value, 2)
+                print(f"E={e:<3} dense FFN D->{key[-1]}F->D        {value:8.1f}")
+        for key, value in ms.items():
+            if key.startswith("dense"):
+                continue
+            router = key.split("/")[1]
+            base = ms[f"dense_k{DENSE_WIDTH[router]}"]
+            result["ms"][key] = round(value, 2)
+            result["ratio"][key] = round(value / base, 3)
+            print(f"{key:28s}  {value:8.1f}  {value / base:5.2f}x dense")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
