@@ -202,9 +202,9 @@ class GPTMoE(nn.Module):
             cache = KVCache()
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
+            if past + t > self.config.seq_len:
+                raise ValueError(f"{past} cached + {t} new positions exceed the model's seq_len={self.config.seq_len}")
             position_ids = torch.arange(past, past + t, device=input_ids.device).unsqueeze(0)
-        if t and int(position_ids.max()) >= self.config.seq_len:
-            raise ValueError(f"position {int(position_ids.max())} is past the model's seq_len={self.config.seq_len}")
         attn_mask, is_causal = self._attention_mask(attention_mask, past, t, input_ids.device)
 
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)

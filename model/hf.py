@@ -78,6 +78,9 @@ class GPTMoEForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_gpt_moe(cls, model: GPTMoE) -> "GPTMoEForCausalLM":
         """Wrap a trained (EP=1) GPTMoE: same config, its state dict under the "model." prefix."""
+        if model.config.ep_size != 1:
+            raise ValueError(f"from_gpt_moe: the model holds 1/{model.config.ep_size} of its experts; load the "
+                             "checkpoint into an ep_size=1 model first (model.checkpoint.load_deepspeed_checkpoint)")
         hf = cls(GPTMoEHFConfig.from_gpt_moe_config(model.config))
         hf.model.load_state_dict(model.state_dict())
         return hf.to(next(model.parameters()).dtype)

@@ -32,7 +32,7 @@ class MLP(nn.Module):
     """Dense two-layer GELU MLP (D -> F -> D). Bias-free when used as PR-MoE's residual branch or as the
     template of one expert (DeepSpeed's per-expert layout), with biases as a GPT feed-forward layer."""
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, bias: bool = True, dropout: float = 0.0):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, bias: bool = True):
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, ffn_hidden_size, bias=bias)
         self.fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=bias)
@@ -103,8 +103,8 @@ class MoECore(nn.Module):
                 capacity = int(counts_PE.max())
                 if not self.training:
                     # A floor keeps eval buffers the same size from step to step; never a limit.
-                    floor = math.ceil(num_tokens * self.experts_per_token / self.num_experts * self.eval_capacity_factor)
-                    capacity = max(capacity, floor, self.min_capacity)
+                    share = num_tokens * self.experts_per_token / self.num_experts
+                    capacity = max(capacity, math.ceil(share * self.eval_capacity_factor), self.min_capacity)
                 capacity = max(capacity, 1)
         if calibration_E is not None:
             self.gate.calibrate(calibration_E)

@@ -3,7 +3,8 @@
 Runs three checks and saves what each produced to <outdir>/rank<r>.pt for the parent to compare with a
 single-process reference:
   ep       the same model at EP=2 (DeepSpeed's groups) on this rank's half of the batch
-  engine   deepspeed.initialize with EP=2 + ZeRO-1, two optimizer steps, save_checkpoint, load_checkpoint
+  engine   deepspeed.initialize with EP=2 + ZeRO-1 and ZeRO-2, two optimizer steps, save_checkpoint,
+           load_checkpoint
   ulysses  DeepSpeed-Ulysses attention over a sequence split in two
 The cases and batches are defined here so the parent builds exactly the same ones.
 """
@@ -28,6 +29,7 @@ EP_CASES = {
 }
 ENGINE_CASE = dict(router_type=0, capacity_factor=1.0, use_rts=False)
 ENGINE_STEPS = 2
+ZERO_STAGES = (1, 2)
 LR = 0.5
 CLIP = 1.0  # the global norm spans every rank's experts: clipping checks that DeepSpeed sees them all
 
@@ -73,12 +75,13 @@ def run_ep(rank: int) -> dict:
     return results
 
 
-def run_engine(rank: int, outdir: Path) -> dict:
+def run_engine(rank: int, outdir: Path, stage: int) -> dict:
     import deepspeed
 
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-                 "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True,
+                 "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
                  "gradient_clipping": CLIP, "steps_per_print": 10**6}
+    ckpt = str(outdir / f"ckpt_zero{stage}")
     torch.manual_seed(0)
     model = GPTMoE(config(ENGINE_CASE, ep_size=2))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer(model), config=ds_config)
@@ -86,7 +89,7 @@ def run_engine(rank: int, outdir: Path) -> dict:
         x, y = batch(step + 1, rank)
         engine.backward(engine(x, labels=y).total_loss)
         engine.step()
-    engine.save_checkpoint(str(outdir / "ckpt"), tag="final")
+    engine.save_checkpoint(ckpt, tag="final")
     probe, _ = batch(99, 0)
     with torch.no_grad():
         logits = engine.module.eval()(probe).logits
@@ -94,7 +97,7 @@ def run_engine(rank: int, outdir: Path) -> dict:
     torch.manual_seed(123)  # a differently initialised model, restored from the checkpoint
     fresh = GPTMoE(config(ENGINE_CASE, ep_size=2))
     engine2, *_ = deepspeed.initialize(model=fresh, optimizer=optimizer(fresh), config=ds_config)
-    engine2.load_checkpoint(str(outdir / "ckpt"), tag="final")
+    engine2.load_checkpoint(ckpt, tag="final")
     with torch.no_grad():
         reloaded = engine2.module.eval()(probe).logits
     return {"logits": logits, "reloaded": reloaded, "has_moe_layers": engine.has_moe_layers}
@@ -123,7 +126,9 @@ def main(outdir: str):
     rank = int(os.environ["RANK"])
     deepspeed.init_distributed(dist_backend="gloo")
     outdir = Path(outdir)
-    results = {"ep": run_ep(rank), "ulysses": run_ulysses(rank), "engine": run_engine(rank, outdir)}
+    results = {"ep": run_ep(rank), "ulysses": run_ulysses(rank)}
+    for stage in ZERO_STAGES:
+        results[f"engine_zero{stage}"] = run_engine(rank, outdir, stage)
     torch.save(results, outdir / f"rank{rank}.pt")
 
 

@@ -5,7 +5,6 @@ import torch.nn.functional as F
 
 import model.moe.experts as moe_experts
 import model.moe.layer as moe_layer
-from model import GPTMoE
 
 from .conftest import build, nano
 
