@@ -85,3 +85,13 @@ def barrier() -> None:
 
     if dist.is_initialized():
         dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Leave together: a process exiting while gloo's threads still serve a peer can abort ("terminate called
+    without an active exception") and turn a finished run into a failed one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

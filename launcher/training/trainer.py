@@ -17,7 +17,7 @@ import torch
 
 from launcher.training.checkpoint import Checkpointer
 from launcher.training.data import Batches, build_datasets
-from launcher.training.distributed import Placement, all_reduce_sum, barrier, init_distributed
+from launcher.training.distributed import Placement, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from launcher.training.metrics import ExpertLoad, MetricsWriter, flops_per_token, format_train_line
 from launcher.training.optim import build_optimizer, set_lr
 from launcher.training.schedule import LRSchedule
@@ -155,7 +155,7 @@ class Trainer:
         return {"loss": loss, "ppl": math.exp(min(loss, 700.0))}
 
     # ------------------------------------------------------------------ the run
-    def run(self) -> int:
+    def run(self, stop: StopRequest) -> int:
         cfg, p = self.cfg, self.placement
         start = self.checkpointer.resume()
         writer = MetricsWriter(cfg, p.is_main, start)
@@ -169,30 +169,29 @@ class Trainer:
         last_eval = None
         iteration = start
         try:
-            with StopRequest() as stop:
-                while iteration < cfg.train_iters:
-                    t0 = time.perf_counter()
-                    reduced = self.train_iteration(iteration, stop, load)
-                    elapsed = time.perf_counter() - t0
-                    iteration += 1
-                    world = p.world_size
-                    interval["lm"] += reduced[LM] / world
-                    interval["aux"] += reduced[AUX] / world
-                    interval["z"] += reduced[Z] / world
-                    interval["iters"] += 1
-                    interval["time"] += elapsed
-                    writer.step(cfg.tokens_per_iter / elapsed, float(reduced[LM]) / world)
-                    if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters or reduced[STOP]:
-                        self._log(writer, iteration, interval, reduced, load, skipped_before)
-                        skipped_before = self.engine.skipped_steps
-                    if iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters:
-                        last_eval = self._eval(writer, iteration)
-                    if iteration % cfg.save_interval == 0 or iteration == cfg.train_iters or reduced[STOP]:
-                        self._save(writer, iteration)
-                    if reduced[STOP]:
-                        writer.message(f"{stop.requested or 'stop request from another rank'}: checkpoint saved at "
-                                       f"iteration {iteration}; run the same command again to resume")
-                        return 0
+            while iteration < cfg.train_iters:
+                t0 = time.perf_counter()
+                reduced = self.train_iteration(iteration, stop, load)
+                elapsed = time.perf_counter() - t0
+                iteration += 1
+                world = p.world_size
+                interval["lm"] += reduced[LM] / world
+                interval["aux"] += reduced[AUX] / world
+                interval["z"] += reduced[Z] / world
+                interval["iters"] += 1
+                interval["time"] += elapsed
+                writer.step(cfg.tokens_per_iter / elapsed, float(reduced[LM]) / world)
+                if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters or reduced[STOP]:
+                    self._log(writer, iteration, interval, reduced, load, skipped_before)
+                    skipped_before = self.engine.skipped_steps
+                if iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters:
+                    last_eval = self._eval(writer, iteration)
+                if iteration % cfg.save_interval == 0 or iteration == cfg.train_iters or reduced[STOP]:
+                    self._save(writer, iteration)
+                if reduced[STOP]:
+                    writer.message(f"{stop.requested or 'stop request from another rank'}: checkpoint saved at "
+                                   f"iteration {iteration}; run the same command again to resume")
+                    return 0
         finally:
             writer.close()
         if last_eval and p.is_main:
@@ -242,9 +241,14 @@ def pretrain(cfg, ds_config_path: Path | None = None) -> int:
     """Run (or resume) the training `cfg` describes on this process; returns the exit code."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury the progress
     trainer = Trainer(cfg, ds_config_path)
-    try:
-        return trainer.run()
-    except TrainingStopped as exc:
-        if trainer.placement.is_main:
-            print(f"error: {exc}", flush=True)
-        return 1
+    # Installed until the very end: a second SIGTERM (a cluster signals every process, torchrun forwards
+    # another) must not kill a rank while it saves or leaves the process group.
+    with StopRequest() as stop:
+        try:
+            code = trainer.run(stop)
+        except TrainingStopped as exc:
+            if trainer.placement.is_main:
+                print(f"error: {exc}", flush=True)
+            code = 1
+        shutdown_distributed()
+    return code
