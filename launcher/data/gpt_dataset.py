@@ -112,6 +112,16 @@ def build_sample_index(doc_sizes: np.ndarray, doc_range: tuple[int, int], seq_le
             "shuffle": rng.permutation(num_samples)}
 
 
+def _identity(indexed: IndexedDataset) -> dict:
+    """Where the data is and which version of it: rebuilding PREFIX.bin/.idx invalidates what was cached."""
+    bin_path, idx_path = paths(indexed.prefix)
+    return {"prefix": os.path.abspath(indexed.prefix), "bin": file_stamp(bin_path), "idx": file_stamp(idx_path)}
+
+
+def _cache_root(indexed: IndexedDataset, cache_dir: str | None) -> str:
+    return cache_dir or os.path.dirname(os.path.abspath(indexed.prefix))
+
+
 class GPTDataset:
     """`num_samples` samples of seq_len+1 int64 token ids from one split of one indexed dataset."""
 
@@ -119,9 +129,7 @@ class GPTDataset:
                  num_samples: int, seed: int, cache_dir: str | None = None):
         self.indexed, self.seq_len, self.num_samples = indexed, seq_len, num_samples
         split_id = SPLIT_NAMES.index(split)
-        bin_path, idx_path = paths(indexed.prefix)
-        description = {"kind": "gpt-sample-index", "version": 1, "prefix": os.path.abspath(indexed.prefix),
-                       "bin": file_stamp(bin_path), "idx": file_stamp(idx_path), "documents": list(doc_range),
+        description = {"kind": "gpt-sample-index", "version": 1, **_identity(indexed), "documents": list(doc_range),
                        "split": split, "seq_len": seq_len, "num_samples": num_samples, "seed": seed}
 
         def build():
@@ -132,9 +140,8 @@ class GPTDataset:
                         num_samples, time.perf_counter() - start)
             return index
 
-        root = cache_dir or os.path.dirname(os.path.abspath(indexed.prefix))
-        index = cached_arrays(root, f"{os.path.basename(indexed.prefix)}.{split}", description,
-                              ("doc_order", "starts", "shuffle"), build)
+        index = cached_arrays(_cache_root(indexed, cache_dir), f"{os.path.basename(indexed.prefix)}.{split}",
+                              description, ("doc_order", "starts", "shuffle"), build)
         self._doc_order, self._starts, self._shuffle = index["doc_order"], index["starts"], index["shuffle"]
 
     def __len__(self) -> int:
@@ -174,11 +181,8 @@ class BlendedDataset:
 
 def _check_vocab(indexed: IndexedDataset, vocab_size: int, cache_dir: str | None) -> None:
     """The max-id scan reads all of PREFIX.bin, so its result is cached like the sample index."""
-    bin_path, idx_path = paths(indexed.prefix)
-    description = {"kind": "max-token-id", "prefix": os.path.abspath(indexed.prefix),
-                   "bin": file_stamp(bin_path), "idx": file_stamp(idx_path)}
-    root = cache_dir or os.path.dirname(os.path.abspath(indexed.prefix))
-    found = cached_arrays(root, f"{os.path.basename(indexed.prefix)}.stats", description, ("max_token_id",),
+    found = cached_arrays(_cache_root(indexed, cache_dir), f"{os.path.basename(indexed.prefix)}.stats",
+                          {"kind": "max-token-id", **_identity(indexed)}, ("max_token_id",),
                           lambda: {"max_token_id": np.array([indexed.max_token_id()])})
     indexed.check_vocab(vocab_size, max_token_id=int(found["max_token_id"][0]))
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from launcher.data.sources import input_kind, iter_jsonl
+from launcher.data.sources import input_kind, iter_jsonl, iter_lines
 from launcher.data.tokenizer import Tokenizer
 from launcher.errors import UsageError
 
@@ -33,18 +33,13 @@ IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 
 def _tsv_pairs(path: Path) -> list[tuple[str, str]]:
     pairs = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
-                raise UsageError(f"{path}:{lineno}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            if "\t" not in line:
-                raise UsageError(f"{path}:{lineno}: no tab; each line is prompt<TAB>target")
-            prompt, target = line.split("\t", 1)
-            pairs.append((prompt, target))
+    for lineno, line in iter_lines(path):
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise UsageError(f"{path}:{lineno}: no tab; each line is prompt<TAB>target")
+        prompt, target = line.split("\t", 1)
+        pairs.append((prompt, target))
     return pairs
 
 

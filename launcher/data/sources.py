@@ -56,30 +56,37 @@ def expand_inputs(inputs: Sequence) -> list[Path]:
     return files
 
 
-def iter_jsonl(path: Path, keys: Sequence[str]) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for each non-blank line; UsageError at the first line that is not
-    UTF-8, not a JSON object, or lacks one of `keys` as a string."""
+def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its ending) of a UTF-8 file, a leading BOM dropped;
+    UsageError naming the first line that is not UTF-8."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError:
-                raise UsageError(f"{where}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                raise UsageError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise UsageError(f"{where}: a JSON {type(record).__name__}, not an object")
-            for key in keys:
-                if key not in record:
-                    raise UsageError(f"{where}: no key {key!r} (keys: {', '.join(map(repr, record)) or 'none'})")
-                if not isinstance(record[key], str):
-                    raise UsageError(f"{where}: {key!r} is a {type(record[key]).__name__}, not a string")
-            yield lineno, record
+                raise UsageError(f"{path}:{lineno}: not UTF-8 text") from None
+            yield lineno, line.rstrip("\r\n")
+
+
+def iter_jsonl(path: Path, keys: Sequence[str]) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each non-blank line; UsageError at the first line that is not
+    UTF-8, not a JSON object, or lacks one of `keys` as a string."""
+    for lineno, line in iter_lines(path):
+        where = f"{path}:{lineno}"
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            raise UsageError(f"{where}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise UsageError(f"{where}: a JSON {type(record).__name__}, not an object")
+        for key in keys:
+            if key not in record:
+                raise UsageError(f"{where}: no key {key!r} (keys: {', '.join(map(repr, record)) or 'none'})")
+            if not isinstance(record[key], str):
+                raise UsageError(f"{where}: {key!r} is a {type(record[key]).__name__}, not a string")
+        yield lineno, record
 
 
 @contextmanager
