@@ -74,7 +74,7 @@ def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> 
     """Sum a short float64 vector over every rank (one collective for several numbers)."""
     import torch.distributed as dist
 
-    t = torch.as_tensor(values, dtype=torch.float64, device=device).clone()
+    t = torch.as_tensor(values, dtype=torch.float64, device=device).clone()  # clone: all_reduce is in place
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t

@@ -73,9 +73,8 @@ class Trainer:
         tokenizer = load_tokenizer(cfg.resolved_tokenizer_path, kind=cfg.tokenizer)
         self.mcfg = cfg.model_config(tokenizer.vocab_size)
         model = build_model(cfg, self.mcfg, p)
+        # Recompute (sel/full) is the model's own torch.utils.checkpoint; nothing to configure on DeepSpeed's side.
         ds = engine_config(cfg, ds_config_path)
-        if cfg.recompute == "full":
-            deepspeed.checkpointing.configure(None, deepspeed_config=ds)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds)
         # ZeRO and the mixed-precision optimizers report the grad norm they clipped with; plain fp32 does not.
         self.own_grad_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
@@ -87,40 +86,36 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.mcfg, cfg.seq_len)
 
     # ------------------------------------------------------------------ one iteration
-    def _grad_sq(self) -> tuple[float, float]:
-        """Squared grad norms (dense, this rank's experts), for the fp32 no-ZeRO case DeepSpeed does not report."""
+    def _grad_sq(self) -> torch.Tensor:
+        """(dense, this rank's experts) squared grad norms, for the fp32 no-ZeRO case DeepSpeed does not report."""
         from deepspeed.moe.utils import is_moe_param
 
-        dense = expert = 0.0
+        sq = torch.zeros(2, dtype=torch.float64, device=self.placement.device)
         for param in self.engine.module.parameters():
             if param.grad is not None:
-                sq = float(param.grad.detach().float().pow(2).sum())
-                if is_moe_param(param):
-                    expert += sq
-                else:
-                    dense += sq
-        return dense, expert
+                sq[int(is_moe_param(param))] += param.grad.detach().double().pow(2).sum()
+        return sq
 
     def train_iteration(self, iteration: int, stop: StopRequest, load: ExpertLoad) -> list[float]:
         """0-based `iteration`; returns the all-reduced vector (see the slots above), summed over ranks."""
         cfg, engine = self.cfg, self.engine
         set_lr(engine.optimizer, self.schedule(iteration))
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.placement.device)  # lm, aux, z; no host sync
         for micro_step in range(cfg.grad_accum):
             batch = self.batches.train(self.train_data, iteration, micro_step)
             out = engine(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids)
             aux = _as_tensor(out.aux_loss, out.loss)
             z = _as_tensor(out.z_loss, out.loss)
             engine.backward(out.loss + aux + z)
-            sums += torch.stack([out.loss.detach(), aux.detach(), z.detach()]).double().cpu()
+            sums += torch.stack([out.loss.detach(), aux.detach(), z.detach()]).double()
             load.add(out.moe_stats)
             if micro_step < cfg.grad_accum - 1:
                 engine.step()  # DeepSpeed's convention: a no-op inside the accumulation window
-        nonfinite = 0.0 if bool(torch.isfinite(sums).all()) else 1.0
-        dense_sq, expert_sq = self._grad_sq() if self.own_grad_norm else (0.0, 0.0)
-        vector = torch.cat([sums / cfg.grad_accum, torch.tensor([nonfinite, float(stop.requested is not None),
-                                                                 dense_sq, expert_sq], dtype=torch.float64)])
-        reduced = all_reduce_sum(vector, self.placement.device).tolist()
+        nonfinite = (~torch.isfinite(sums).all()).double().reshape(1)
+        stop_flag = torch.full((1,), float(stop.requested is not None), dtype=torch.float64, device=sums.device)
+        grad_sq = self._grad_sq() if self.own_grad_norm else sums.new_zeros(2)
+        vector = torch.cat([sums / cfg.grad_accum, nonfinite, stop_flag, grad_sq])
+        reduced = all_reduce_sum(vector, self.placement.device).tolist()  # the one host sync of the iteration
         if reduced[NONFINITE] and cfg.precision != "fp16":
             # fp16 has DeepSpeed's loss scaler, which skips the step and lowers the scale; fp32/bf16 have none.
             world = self.placement.world_size
