@@ -168,8 +168,9 @@ def main() -> None:
         for variant, name in variants:
             r = report[name]
             print(f"{name:>7}: {r['step_ms']:8.1f} ms/step  {r['tokens_per_s_per_process']:9,.0f} tokens/s/process  "
-                  f"{r['tflops_per_process']:.4f} TFLOP/s/process  peak {r['peak_memory_mib_per_process']:,.0f} MiB/process"
-                  f"  (params {r['params_total']:,} total, {r['params_active']:,} active, EP {r['ep_size']})")
+                  f"{r['tflops_per_process']:.4f} TFLOP/s/process  "
+                  f"peak {r['peak_memory_mib_per_process']:,.0f} MiB/process  "
+                  f"(params {r['params_total']:,} total, {r['params_active']:,} active, EP {r['ep_size']})")
     moe = report[f"moe{args.experts}"]
     report["moe_over_dense_step_time"] = round(moe["step_ms"] / report["dense"]["step_ms"], 3)
     print(f"MoE-{args.experts} / dense step time: {report['moe_over_dense_step_time']:.2f}x")

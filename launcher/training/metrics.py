@@ -37,15 +37,17 @@ class ExpertLoad:
     EP > 1): summing again over every rank scales all of a layer's counts alike, so the ratios stay right."""
     layer_ids: list[int]
     counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (E,) tokens per expert
-    dropped: dict[int, float] = field(default_factory=dict)  # layer -> sum of per-micro-batch fractions
+    dropped: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> sum of per-micro-batch fractions
     batches: int = 0
 
     def add(self, moe_stats) -> None:
         pairs = _layer_stats(moe_stats, self.layer_ids)
         for layer, stats in pairs:
+            # Kept on the device: summed here, read once per log interval.
             counts = stats["expert_counts"].detach().to(torch.float64)
+            dropped = torch.as_tensor(stats["dropped_fraction"], device=counts.device).detach().to(torch.float64)
             self.counts[layer] = counts if layer not in self.counts else self.counts[layer] + counts
-            self.dropped[layer] = self.dropped.get(layer, 0.0) + float(stats.get("dropped_fraction", 0.0))
+            self.dropped[layer] = dropped if layer not in self.dropped else self.dropped[layer] + dropped
         if pairs:
             self.batches += 1
 
@@ -56,8 +58,8 @@ class ExpertLoad:
             return {}
         layers = sorted(self.counts)
         flat = torch.cat([self.counts[i].to(device) for i in layers]
-                         + [torch.tensor([self.dropped[i] for i in layers] + [self.batches], dtype=torch.float64,
-                                         device=device)])
+                         + [torch.stack([self.dropped[i].to(device) for i in layers]),
+                            torch.tensor([self.batches], dtype=torch.float64, device=device)])
         flat = all_reduce_sum(flat, device).cpu()
         out, offset = {}, 0
         batches = max(1.0, float(flat[-1]))

@@ -146,7 +146,8 @@ class Trainer:
             batch = self.batches.valid(self.valid_data, step)
             total += float(self.engine(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids).loss)
         self.engine.train()
-        loss = float(all_reduce_sum([total], self.placement.device)[0]) / (self.cfg.eval_iters * self.placement.world_size)
+        batches = self.cfg.eval_iters * self.placement.world_size
+        loss = float(all_reduce_sum([total], self.placement.device)[0]) / batches
         return {"loss": loss, "ppl": math.exp(min(loss, 700.0))}
 
     # ------------------------------------------------------------------ the run
