@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from launcher.errors import UsageError
 from launcher.files import write_json_atomic, write_text_atomic
 from launcher.training.distributed import barrier
 
@@ -105,9 +106,8 @@ class Checkpointer:
         source = self.cfg.load
         found = find_checkpoint(source) if source else find_checkpoint(self.folder)
         if source and found is None:
-            raise FileNotFoundError(f"LOAD={source}: no complete checkpoint there (expected a run folder, a "
-                                    f"checkpoints folder with a '{LATEST}' file, or a tag folder with "
-                                    f"{TRAINER_STATE})")
+            raise UsageError(f"LOAD: got {source!r}; allowed: a run folder, a checkpoints folder with a "
+                             f"'{LATEST}' file, or a tag folder with {TRAINER_STATE} (a complete checkpoint)")
         if found is None:
             return 0
         folder, tag = found
@@ -132,7 +132,7 @@ class Checkpointer:
         """Data order and the schedule are functions of the iteration and the batch shape: refuse a shape change."""
         for key, mine in (("global_batch", self.cfg.global_batch), ("seq_len", self.cfg.seq_len)):
             if key in state and state[key] != mine:
-                raise ValueError(f"resume from {where}: the checkpoint was trained with {key}={state[key]}, this "
+                raise UsageError(f"resume from {where}: the checkpoint was trained with {key}={state[key]}, this "
                                  f"run has {mine}; exact resumption needs the same value")
 
 

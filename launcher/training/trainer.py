@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 
+from launcher.errors import UsageError
 from launcher.training.checkpoint import Checkpointer
 from launcher.training.data import Batches, build_datasets
 from launcher.training.distributed import Placement, all_reduce_sum, barrier, init_distributed, shutdown_distributed
@@ -236,15 +238,24 @@ def _as_tensor(value, like: torch.Tensor) -> torch.Tensor:
 def pretrain(cfg, ds_config_path: Path | None = None) -> int:
     """Run (or resume) the training `cfg` describes on this process; returns the exit code."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury the progress
-    trainer = Trainer(cfg, ds_config_path)
+    try:
+        trainer = Trainer(cfg, ds_config_path)
+    except UsageError as exc:  # e.g. data tokenized with another tokenizer: every rank finds it
+        _report(exc)
+        return 2
     # Installed until the very end: a second SIGTERM (a cluster signals every process, torchrun forwards
     # another) must not kill a rank while it saves or leaves the process group.
     with StopRequest() as stop:
         try:
             code = trainer.run(stop)
-        except TrainingStopped as exc:
-            if trainer.placement.is_main:
-                print(f"error: {exc}", flush=True)
-            code = 1
+        except (UsageError, TrainingStopped) as exc:  # a bad LOAD, a non-finite loss
+            code = 2 if isinstance(exc, UsageError) else 1
+            _report(exc)
         shutdown_distributed()
     return code
+
+
+def _report(exc: Exception) -> None:
+    """One line from rank 0 (every rank hit the same error)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {exc}", flush=True)

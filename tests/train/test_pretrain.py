@@ -90,6 +90,15 @@ def test_checkpoint_loads_into_one_process_with_every_expert(reference_run, tiny
     assert text == generate_text(model, tokenizer, "def ", 8, temperature=0.0, top_k=None, top_p=None, seed=0)
 
 
+def test_generate_cli(reference_run, capsys):
+    from launcher.generate import main
+
+    assert main([str(reference_run[0]), "--prompt", "def", "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def")
+    assert main([str(reference_run[0] / "nowhere")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("moe,rt,ac,zero,env", [
     ("8", "1", "sel", "z1", {"PRECISION": "bf16"}),
     ("8", "2", "full", "z2", {}),
@@ -190,3 +199,10 @@ def test_non_finite_loss_stops_with_the_iteration(tiny_corpus, tmp_path):
     assert "error: iteration 2: the loss is not finite" in proc.stdout
     assert "Traceback" not in proc.stdout
     assert not (run_dir(tmp_path) / "checkpoints" / "latest").exists()
+
+
+def test_a_bad_load_is_one_line(tiny_corpus, tmp_path):
+    env = train_env(tiny_corpus, tmp_path, iters=2, LOAD=tmp_path / "no-such-run")
+    proc = launch("run 1 gpt2bpe nano 8 0 2 1 none none 100", env, *flags(tiny_corpus), check=False)
+    assert proc.returncode == 2, proc.stdout[-4000:]
+    assert f"error: LOAD: got '{tmp_path / 'no-such-run'}'" in proc.stdout and "Traceback" not in proc.stdout
