@@ -11,10 +11,17 @@ Expert choice has a fixed capacity by definition, so it has no dropless training
 per-token inference routing). Every MoE includes its router, dispatch, combine and the balancing loss in the
 backward pass. Times are medians over --repeats runs after warm-up; ratios are to the FLOP-matched dense
 FFN. The last line printed is one JSON object with every median and ratio.
+
+Memory: glibc hands blocks over 32 MiB back to the OS when freed and page-faults them in again at the next
+step; an MoE's expert gradients are such blocks (64 experts: 64 MiB per projection), so on CPU that cost
+(about half the step at E=64) would swamp the layers being compared. By default the benchmark therefore
+keeps freed memory in the process (mallopt: no mmap, no trim), as a caching allocator does on GPUs or
+jemalloc/tcmalloc on CPUs, for every candidate alike; --system-malloc measures glibc's default instead.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import sys
@@ -31,6 +38,16 @@ from model.moe.layer import MLP, MoELayer  # noqa: E402
 ROUTERS = {"top1": dict(router_type=0), "top2": dict(router_type=2),
            "ec": dict(router_type=1, top_k=2.0)}  # expert choice, 2 experts per token on average
 DENSE_WIDTH = {"top1": 1, "top2": 2, "ec": 2}  # FFN width multiple with the same active FLOPs
+
+
+def keep_freed_memory() -> bool:
+    """Serve every allocation from the heap and never trim it (glibc mallopt), so freed blocks are reused."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def timed(steps: dict, repeats: int, warmup: int = 2) -> dict:
@@ -92,17 +109,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default (see the docstring)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    heap = not args.system_malloc and keep_freed_memory()
     torch.manual_seed(0)
     x = torch.randn(args.tokens, args.hidden, requires_grad=True)
     grad = torch.randn(args.tokens, args.hidden)
     print(f"# {args.tokens} tokens, hidden {args.hidden}, ffn {args.ffn}, fp32, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; forward+backward, median of {args.repeats} (ms)")
+          f"torch {torch.__version__}, malloc {'keeps freed memory' if heap else 'glibc default'}; "
+          f"forward+backward, median of {args.repeats} (ms)")
 
     result = {"tokens": args.tokens, "hidden": args.hidden, "ffn": args.ffn, "threads": torch.get_num_threads(),
-              "ms": {}, "ratio": {}}
+              "malloc": "heap" if heap else "system", "ms": {}, "ratio": {}}
     for e in args.experts:
         steps = {}
         for width in sorted(set(DENSE_WIDTH.values())):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .gpt import CausalSelfAttention
 from .moe.layer import MoELayer
 
 
@@ -54,9 +55,8 @@ class UlyssesAttention(nn.Module):
 def apply_sequence_parallel(model: nn.Module, sp_group) -> nn.Module:
     """Wrap every attention core of `model` (a GPTMoE or anything holding its blocks) for Ulysses."""
     for module in list(model.modules()):
-        core = getattr(module, "core", None)
-        if core is not None and not isinstance(core, UlyssesAttention) and hasattr(module, "qkv"):
-            module.core = UlyssesAttention(core, sp_group)
+        if isinstance(module, CausalSelfAttention) and not isinstance(module.core, UlyssesAttention):
+            module.core = UlyssesAttention(module.core, sp_group)
     return model
 
 
