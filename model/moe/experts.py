@@ -3,13 +3,10 @@
 Shape suffixes: E local experts, C capacity (slots per expert), D model dim, F expert hidden dim,
 R routes sorted by expert.
 
-DeepSpeed's `Experts` keeps one module per expert and loops over them in Python, a handful of autograd
-nodes per expert. Here each projection is one parameter of shape (E, in, out), and the experts run as
-  - one `torch.bmm` per projection on an (E, C, D) capacity buffer, or one grouped GEMM on routes sorted
-    by expert (GPUs; and CPUs with few rows per expert), or
-  - on CPUs with large per-expert chunks, `_SegmentMLP`: one autograd node whose forward and backward walk
-    the experts' row segments with plain GEMMs writing straight into the output and gradient buffers.
-    MKL's per-GEMM kernel beats its batched one there, and each expert's activation stays in cache.
+DeepSpeed's `Experts` keeps one module per expert and loops over them in Python, a handful of kernels
+and autograd nodes per expert. Here each projection is one parameter of shape (E, in, out), computed by
+one `torch.bmm` on an (E, C, D) capacity buffer, or by one grouped GEMM on routes sorted by expert (no
+padding computed), whatever the number of local experts.
 (E, in, out) rather than nn.Linear's (out, in): the weight is the GEMM's right operand as stored, and its
 gradient comes out of the backward GEMM in the parameter's own layout, with no transposing copy.
 
@@ -35,11 +32,6 @@ from torch import Tensor, nn
 # stacked parameter -> name of the same weight inside one DeepSpeed expert module
 PER_EXPERT_NAMES = {"fc1_weight": "fc1.weight", "fc2_weight": "fc2.weight"}
 DS_EXPERTS = "deepspeed_experts"
-
-# Measured on a 2-core Xeon (D=256, F=1024, fp32): per-expert GEMMs beat bmm and the grouped GEMM from
-# 512 rows per expert up, tied at 256, and lost below (64 experts x 64 rows: 1.3x slower than bmm).
-CPU_SEGMENT_MIN_ROWS = 256
-
 
 def gelu(x: Tensor) -> Tensor:
     return F.gelu(x)  # exact (erf) GELU, as Megatron; cheaper than the tanh form on CPU
@@ -74,53 +66,6 @@ def grouped_mm(x_RI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
     return _ContiguousGrad.apply(torch._grouped_mm(x_RI, w_EIO, offs=offsets_E))
 
 
-class _SegmentMLP(torch.autograd.Function):
-    """gelu(x_e @ w1[e]) @ w2[e] for each expert's row segment x_e of x (R, D), as one autograd node.
-
-    The output and the input and weight gradients are written segment by segment into one buffer each, so
-    nothing is stacked or concatenated afterwards. Hidden activations stay per segment: one (R, F) buffer
-    would be a fresh mmap (and page faults) at every step, where per-segment blocks are recycled by malloc.
-    """
-
-    @staticmethod
-    def forward(ctx, x_RD: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, sizes: list[int]):
-        out_RD = x_RD.new_empty(x_RD.shape[0], w2_EFD.shape[2])
-        pre, act = [], []
-        start = 0
-        for e, n in enumerate(sizes):
-            pre.append(x_RD[start:start + n] @ w1_EDF[e])
-            act.append(gelu(pre[-1]))
-            torch.mm(act[-1], w2_EFD[e], out=out_RD[start:start + n])
-            start += n
-        ctx.save_for_backward(x_RD, w1_EDF, w2_EFD, *pre, *act)
-        ctx.sizes = sizes
-        return out_RD
-
-    @staticmethod
-    def backward(ctx, grad_RD: Tensor):
-        x_RD, w1_EDF, w2_EFD, *hidden = ctx.saved_tensors
-        sizes = ctx.sizes
-        pre, act = hidden[:len(sizes)], hidden[len(sizes):]
-        grad_RD = grad_RD.contiguous()
-        grad_x = torch.empty_like(x_RD)
-        grad_w1 = torch.empty_like(w1_EDF)
-        grad_w2 = torch.empty_like(w2_EFD)
-        start = 0
-        for e, n in enumerate(sizes):
-            rows = slice(start, start + n)
-            g = grad_RD[rows]
-            torch.mm(act[e].t(), g, out=grad_w2[e])
-            grad_pre = torch.ops.aten.gelu_backward(g @ w2_EFD[e].t(), pre[e])
-            torch.mm(x_RD[rows].t(), grad_pre, out=grad_w1[e])
-            torch.mm(grad_pre, w1_EDF[e].t(), out=grad_x[rows])
-            start += n
-        return grad_x, grad_w1, grad_w2, None
-
-
-def _segments_faster(x: Tensor, rows_per_expert: float) -> bool:
-    return x.device.type == "cpu" and rows_per_expert >= CPU_SEGMENT_MIN_ROWS
-
-
 class GroupedExperts(nn.Module):
     """E_local two-layer GELU MLPs (D -> F -> D), computed together."""
 
@@ -139,10 +84,6 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ECD: Tensor) -> Tensor:
         """Capacity layout: (E, C, D) -> (E, C, D)."""
-        e, c, d = x_ECD.shape
-        if _segments_faster(x_ECD, c):
-            out = _SegmentMLP.apply(x_ECD.reshape(e * c, d), self.fc1_weight, self.fc2_weight, [c] * e)
-            return out.view(e, c, -1)
         h_ECF = gelu(torch.bmm(x_ECD, self.fc1_weight))
         return torch.bmm(h_ECF, self.fc2_weight)
 
@@ -150,8 +91,6 @@ class GroupedExperts(nn.Module):
         """Grouped layout: routes sorted by expert, counts_E[e] rows each -> (R, D); no padding computed."""
         if x_RD.shape[0] == 0:
             return x_RD.new_zeros(x_RD.shape)
-        if _segments_faster(x_RD, x_RD.shape[0] / self.num_local_experts):
-            return _SegmentMLP.apply(x_RD, self.fc1_weight, self.fc2_weight, counts_E.tolist())
         offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
         h_RF = gelu(grouped_mm(x_RD, self.fc1_weight, offsets_E))
         return grouped_mm(h_RF, self.fc2_weight, offsets_E)
