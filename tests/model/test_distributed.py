@@ -28,7 +28,28 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def worker_results(tmp_path_factory):
-    outdir = tmp_path_factory.mktemp("dist")
+    """Run the two workers once per test session. Under pytest-xdist every worker process has its own
+    session; the workers' shared temp folder and a file lock make the first one run them and the others
+    read its results (the xdist_group mark alone does not keep them together with pytest 9)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _run_workers(tmp_path_factory.mktemp("dist"))
+    from filelock import FileLock
+
+    outdir = tmp_path_factory.getbasetemp().parent / "model-distributed"
+    with FileLock(f"{outdir}.lock"):
+        if (outdir / "done").exists():
+            return outdir, _load(outdir)
+        outdir.mkdir(exist_ok=True)
+        results = _run_workers(outdir)
+        (outdir / "done").touch()
+        return results
+
+
+def _load(outdir):
+    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _run_workers(outdir):
     port = _free_port()
     procs = []
     for rank in range(WORLD):
@@ -47,7 +68,7 @@ def worker_results(tmp_path_factory):
         logs.append(out)
     for rank, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
-    return outdir, [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return outdir, _load(outdir)
 
 
 def _is_expert(name: str) -> bool:
