@@ -19,7 +19,8 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, PretrainedConfig,
+                          PreTrainedModel)
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .config import GPTMoEConfig
@@ -98,8 +99,6 @@ class GPTMoEForCausalLM(PreTrainedModel, GenerationMixin):
             # Left-padded batches: count positions over real tokens only.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         if use_cache and past_key_values is None:
-            from transformers import DynamicCache
-
             past_key_values = DynamicCache(config=self.config)
         shifted = None
         if labels is not None:
