@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from launcher.cli import build_run_config
+from launcher.errors import UsageError
 from launcher.training.checkpoint import Checkpointer, find_checkpoint, tag_for
 from launcher.training.data import Batches
 from launcher.training.distributed import Placement
@@ -118,6 +119,13 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_current(tmp_path):
         checkpointer.save(20, 20 * 512)
     assert (folder / "latest").read_text().strip() == "iter_0000010"
     assert find_checkpoint(cfg.run_dir) == (folder, "iter_0000010")
+
+
+def test_a_bad_load_names_the_setting(tmp_path):
+    cfg = build_run_config("run 1 gpt2bpe nano 8 0 2 1 none none 10".split(),
+                           {"OUTPUT_BASEPATH": str(tmp_path), "LOAD": str(tmp_path / "no-such-run")})
+    with pytest.raises(UsageError, match=r"^LOAD: got '.*no-such-run'; allowed: a run folder"):
+        Checkpointer(cfg, None, _placement(0, 1), None, str(tmp_path)).resume()
 
 
 def test_find_checkpoint_accepts_run_checkpoints_and_tag_folders(tmp_path):
