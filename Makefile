@@ -20,7 +20,7 @@ $(STAMP): setup.py
 	@touch $(STAMP)
 
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 demo: setup
 	bash examples/demo.sh
