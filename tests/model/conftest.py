@@ -18,6 +18,6 @@ def build(cfg: GPTMoEConfig, seed: int = 0, **kw) -> GPTMoE:
 
 
 @pytest.fixture(autouse=True)
-def _single_thread_and_seed():
+def _seed():
     torch.manual_seed(0)
     yield
