@@ -33,11 +33,15 @@ def _layer_stats(moe_stats, layer_ids: list[int]):
 class ExpertLoad:
     """Tokens routed to each expert and the fraction dropped, per MoE layer, over one log interval.
 
+    Imbalance is max/mean tokens per expert of each micro batch, averaged: summing counts over the interval
+    first would hide a router that sends every token to one expert, a different one each step.
+
     The counts may be one rank's or already summed over its expert-parallel group (the model does that when
     EP > 1): summing again over every rank scales all of a layer's counts alike, so the ratios stay right."""
     layer_ids: list[int]
     counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (E,) tokens per expert
     dropped: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> sum of per-micro-batch fractions
+    imbalance: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> sum of per-micro-batch max/mean
     batches: int = 0
 
     def add(self, moe_stats) -> None:
@@ -48,6 +52,9 @@ class ExpertLoad:
             dropped = torch.as_tensor(stats["dropped_fraction"], device=counts.device).detach().to(torch.float64)
             self.counts[layer] = counts if layer not in self.counts else self.counts[layer] + counts
             self.dropped[layer] = dropped if layer not in self.dropped else self.dropped[layer] + dropped
+            mean = counts.mean()
+            imbalance = torch.where(mean > 0, counts.max() / mean.clamp(min=1e-12), torch.ones_like(mean))
+            self.imbalance[layer] = imbalance if layer not in self.imbalance else self.imbalance[layer] + imbalance
         if pairs:
             self.batches += 1
 
@@ -59,6 +66,7 @@ class ExpertLoad:
         layers = sorted(self.counts)
         flat = torch.cat([self.counts[i].to(device) for i in layers]
                          + [torch.stack([self.dropped[i].to(device) for i in layers]),
+                            torch.stack([self.imbalance[i].to(device) for i in layers]),
                             torch.tensor([self.batches], dtype=torch.float64, device=device)])
         flat = all_reduce_sum(flat, device).cpu()
         out, offset = {}, 0
@@ -69,11 +77,12 @@ class ExpertLoad:
             offset += e
             total = float(counts.sum())
             mean = total / e
-            out[layer] = {"imbalance": float(counts.max()) / mean if mean > 0 else 1.0,
-                          "dropped": float(flat[len(flat) - 1 - len(layers) + n]) / batches,
+            out[layer] = {"imbalance": float(flat[len(flat) - 1 - len(layers) + n]) / batches,
+                          "dropped": float(flat[len(flat) - 1 - 2 * len(layers) + n]) / batches,
                           "load": [round(float(c) / total, 5) if total else 0.0 for c in counts]}
         self.counts.clear()
         self.dropped.clear()
+        self.imbalance.clear()
         self.batches = 0
         return out
 

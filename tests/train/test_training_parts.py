@@ -141,12 +141,13 @@ def test_find_checkpoint_accepts_run_checkpoints_and_tag_folders(tmp_path):
 # ---------------------------------------------------------------- metrics
 def test_expert_load_imbalance_and_dropped_fraction():
     load = ExpertLoad([1, 3])
-    for counts in ([6, 2, 0, 0], [2, 2, 2, 2]):
+    for counts in ([6, 2, 0, 0], [0, 0, 2, 6]):
         load.add([{"layer": 1, "expert_counts": torch.tensor(counts), "dropped_fraction": torch.tensor(0.25)},
                   {"layer": 3, "expert_counts": torch.tensor([4, 4, 4, 4]), "dropped_fraction": torch.tensor(0.0)}])
     out = load.reduce(torch.device("cpu"))  # no process group: this rank's sums
-    assert out[1]["imbalance"] == pytest.approx(8 / 4) and out[1]["dropped"] == pytest.approx(0.25)
-    assert out[1]["load"] == [0.5, 0.25, 0.125, 0.125]
+    # per micro batch 6/2 = 3 both times; the interval's summed counts [6, 2, 2, 6] would say 1.5
+    assert out[1]["imbalance"] == pytest.approx(3.0) and out[1]["dropped"] == pytest.approx(0.25)
+    assert out[1]["load"] == [0.375, 0.125, 0.125, 0.375]
     assert out[3]["imbalance"] == 1.0 and out[3]["dropped"] == 0.0
     assert load.reduce(torch.device("cpu")) == {}  # reset for the next interval
     line = format_train_line(10, 100, {"lm_loss": 3.0, "aux_loss": 0.01, "z_loss": 0.0, "lr": 1e-3, "grad_norm": 0.5,
@@ -154,7 +155,7 @@ def test_expert_load_imbalance_and_dropped_fraction():
                                        "skipped_steps": 0, "experts": out})
     assert line.startswith("iter  10/100 | lm loss 3.0000 | aux 0.0100 | lr 1.000e-03 | grad norm 0.500")
     assert "1,234 tok/s" in line and "eta 1:02:05" in line and "dropped 12.5%" in line
-    assert "load max/mean L1:2.00 L3:1.00" in line
+    assert "load max/mean L1:3.00 L3:1.00" in line
 
 
 def test_model_flops_count_active_parameters():
