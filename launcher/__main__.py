@@ -4,11 +4,22 @@ The positional bash scripts under examples/megatron/ hand everything here.
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
+
+
+def _name_the_cpu_accelerator() -> None:
+    """DeepSpeed (imported with the model) warns when it has to guess the accelerator: on a machine without
+    CUDA, name it before that import."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+_name_the_cpu_accelerator()
 
 from launcher.cli import USAGE, build_run_config
 from launcher.cluster import format_command, launch_command
@@ -16,18 +27,7 @@ from launcher.ds_config import build_ds_config, check_ds_config
 from launcher.dryrun import summary
 from launcher.errors import UsageError
 from launcher.files import write_json_atomic
-
-
-@contextmanager
-def _file_lock(path: Path):
-    """Serialises corpus preparation between launchers on one machine (several 'nodes' in a test)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+from launcher.preflight import check_inputs
 
 
 def prepare_data(cfg) -> None:
@@ -36,9 +36,8 @@ def prepare_data(cfg) -> None:
         return
     from launcher.data.stdlib_corpus import build_stdlib_corpus
 
-    out = cfg.default_data_dir
-    with _file_lock(out.parent / f".{out.name}.lock"):
-        build_stdlib_corpus(out.parent, tokenizer_kind=cfg.tokenizer, vocab_size=cfg.vocab_size)
+    # Serialised by the builder itself: a second launcher on this machine waits, then reuses the corpus.
+    build_stdlib_corpus(cfg.default_data_dir.parent, tokenizer_kind=cfg.tokenizer, vocab_size=cfg.vocab_size)
 
 
 def tokenizer_vocab_size(cfg) -> int | None:
@@ -51,20 +50,23 @@ def tokenizer_vocab_size(cfg) -> int | None:
     return load_tokenizer(str(path), kind=cfg.tokenizer).vocab_size
 
 
-def resolve(argv: list[str], env) -> tuple:
-    cfg = build_run_config(argv, env)
-    if cfg.device == "cpu":
-        # Tell DeepSpeed up front (here and in the launched processes) instead of letting it guess and warn.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if cfg.mode == "run":
-        prepare_data(cfg)
+def model_config(cfg, vocab_size: int | None = None):
     try:
-        mcfg = cfg.model_config(tokenizer_vocab_size(cfg))
+        return cfg.model_config(vocab_size)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def resolve(argv: list[str], env) -> tuple:
+    """Everything validated, cheapest first; the corpus is built (run mode) only once all else is known good."""
+    cfg = build_run_config(argv, env)
+    model_config(cfg)
     ds = build_ds_config(cfg)
     check_ds_config(ds)
-    return cfg, mcfg, ds
+    check_inputs(cfg)
+    if cfg.mode == "run":
+        prepare_data(cfg)
+    return cfg, model_config(cfg, tokenizer_vocab_size(cfg)), ds
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ ENV_FIELDS = {"SEQ_LEN": "seq_len", "DATA_PATH": "data_path", "OUTPUT_BASEPATH":
               "TRAIN_TOKENS": "train_tokens", "WARMUP_TOKENS": "warmup_tokens", "GLOBAL_BATCH_SIZE": "global_batch",
               "EP_SIZE": "ep_size", "PRECISION": "precision", "LOAD": "load", "OFFLOAD": "offload"}
 # Fields set only through positional arguments or cluster discovery.
-_NOT_FLAGS = {"mode", "extra"}
+_NOT_FLAGS = {"mode"}
 
 
 def _int(name: str, text: str, minimum: int = 1) -> int:

@@ -7,22 +7,22 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+import re
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from launcher.errors import UsageError
 from launcher.files import write_json_atomic
 from launcher.presets import PRESETS, TRAIN_TOKENS, VOCAB_SIZE, WARMUP_TOKENS
-from model.config import SIZES
+from model.config import RECOMPUTE, ROUTER_NAMES as ROUTERS, SIZES
 
 MODES = ("run", "dryrun")
 TOKENIZERS = ("jiebabpe", "gpt2bpe")
-ROUTERS = {0: "top-1 (Switch)", 1: "expert choice (capacity-fixed)", 2: "top-2 (GShard)"}
-RECOMPUTE = ("none", "sel", "full")
 ZERO_ALIASES = {"none": 0, "0": 0, "z1": 1, "1": 1, "do": 1, "z2": 2, "2": 2}
 PRECISIONS = ("fp32", "bf16", "fp16")
 OFFLOADS = ("none", "cpu")
 LR_DECAY = ("linear", "cosine", "constant")
+MIN_VOCAB = 257  # byte-level BPE: every byte, plus the end-of-document token
 
 
 def _fail(name: str, given, allowed: str) -> None:
@@ -91,9 +91,6 @@ class RunConfig:
     device: str | None = None  # cuda | cpu; None = cuda when available
     device_memory_gib: float | None = None  # for dryrun's fit check; None = read from the device
 
-    # not a user setting: how many CPU cores this node has, recorded for OMP_NUM_THREADS
-    extra: dict = field(default_factory=dict)
-
     def __post_init__(self) -> None:
         self._check_choices()
         self._fill_defaults()
@@ -133,10 +130,11 @@ class RunConfig:
         preset = PRESETS[self.model_size]
         if self.seq_len is None:
             self.seq_len = preset.seq_len
+        lr, min_lr = preset.lrs(moe=self.num_experts > 0)
         if self.lr is None:
-            self.lr = preset.lr
+            self.lr = lr
         if self.min_lr is None:
-            self.min_lr = preset.min_lr
+            self.min_lr = min(min_lr, self.lr)
         if self.global_batch is None:
             self.global_batch = max(1, preset.global_batch_tokens // self.seq_len)
         if self.train_tokens is None:
@@ -186,6 +184,18 @@ class RunConfig:
                 _fail(name, value, "a number > 0")
         if not 0 <= self.dropout < 1:
             _fail("--dropout", self.dropout, "0 <= dropout < 1")
+        for name, value in (("--adam-beta1", self.adam_beta1), ("--adam-beta2", self.adam_beta2)):
+            if not 0 <= value < 1:
+                _fail(name, value, "0 <= beta < 1")
+        for name, value in (("--weight-decay", self.weight_decay), ("--clip-grad", self.clip_grad)):
+            if not value >= 0:
+                _fail(name, value, "a number >= 0 (0 = off)")
+        if self.device_memory_gib is not None and not self.device_memory_gib > 0:
+            _fail("--device-memory-gib", self.device_memory_gib, "a number > 0")
+        if self.vocab_size < MIN_VOCAB:
+            _fail("--vocab-size", self.vocab_size, f"at least {MIN_VOCAB} (256 bytes + end of document)")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", self.run_name):
+            _fail("--run-name", self.run_name, "letters, digits and . _ + - (a folder name under OUTPUT_BASEPATH)")
 
     def _check_parallelism(self) -> None:
         heads = SIZES[self.model_size][2]

@@ -50,6 +50,14 @@ def find_checkpoint(path: str | Path) -> tuple[Path, str] | None:
     return None
 
 
+def check_compatible(cfg, state: dict, where: Path) -> None:
+    """Data order and the schedule are functions of the iteration and the batch shape: refuse a shape change."""
+    for key, mine in (("global_batch", cfg.global_batch), ("seq_len", cfg.seq_len)):
+        if key in state and state[key] != mine:
+            raise UsageError(f"resume from {where}: the checkpoint was trained with {key}={state[key]}, this "
+                             f"run has {mine}; exact resumption needs the same value")
+
+
 def _rng_states() -> dict:
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -112,7 +120,7 @@ class Checkpointer:
             return 0
         folder, tag = found
         state = json.loads((folder / tag / TRAINER_STATE).read_text())
-        self._check_compatible(state, folder / tag)
+        check_compatible(self.cfg, state, folder / tag)
         path, _ = self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:
@@ -128,12 +136,6 @@ class Checkpointer:
         self.last_saved = state["iteration"] if folder.resolve() == self.folder.resolve() else None
         return int(state["iteration"])
 
-    def _check_compatible(self, state: dict, where: Path) -> None:
-        """Data order and the schedule are functions of the iteration and the batch shape: refuse a shape change."""
-        for key, mine in (("global_batch", self.cfg.global_batch), ("seq_len", self.cfg.seq_len)):
-            if key in state and state[key] != mine:
-                raise UsageError(f"resume from {where}: the checkpoint was trained with {key}={state[key]}, this "
-                                 f"run has {mine}; exact resumption needs the same value")
 
 
 def load_for_inference(path: str | Path, device: str = "cpu"):

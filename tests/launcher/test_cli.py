@@ -219,3 +219,51 @@ def test_user_model_py_does_not_shadow_the_package(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "launcher", *NANO], capture_output=True, text=True,
                           cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def _tiny_dataset(prefix: Path) -> None:
+    from launcher.data.indexed import IndexedDatasetWriter
+
+    with IndexedDatasetWriter(str(prefix), vocab_size=300) as writer:
+        writer.add_document([1, 2, 3, 299])
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing_data", "error: indexed dataset {tmp}/nowhere: {tmp}/nowhere.idx not found"),
+    ("missing_tokenizer", "error: tokenizer not found: {tmp}/tokenizer"),
+    ("missing_load", "error: LOAD: got '{tmp}/old-run'; allowed: a run folder"),
+    ("split_without_train", "error: --split: got '0,100,0'; allowed: a positive share for training"),
+    ("run_name_escapes", "error: --run-name: got '../../etc'; allowed: letters, digits"),
+    ("beta", "error: --adam-beta1: got 2.0; allowed: 0 <= beta < 1"),
+    ("weight_decay", "error: --weight-decay: got -1.0; allowed: a number >= 0"),
+    ("vocab", "error: --vocab-size: got 5; allowed: at least 257"),
+])
+def test_bad_inputs_are_refused_before_anything_starts(clean_env, capsys, monkeypatch, tmp_path, case, message):
+    """Files a run reads are checked by the launcher, not discovered missing inside the training processes."""
+    args, data = list(NANO), tmp_path / "corpus"
+    if case == "missing_data":
+        monkeypatch.setenv("DATA_PATH", str(tmp_path / "nowhere"))
+    elif case == "missing_tokenizer":
+        _tiny_dataset(data)
+        monkeypatch.setenv("DATA_PATH", str(data))
+    elif case == "missing_load":
+        monkeypatch.setenv("LOAD", str(tmp_path / "old-run"))
+    else:
+        args += {"split_without_train": ["--split", "0,100,0"], "run_name_escapes": ["--run-name", "../../etc"],
+                 "beta": ["--adam-beta1", "2"], "weight_decay": ["--weight-decay", "-1"],
+                 "vocab": ["--vocab-size", "5"]}[case]
+    args[0] = "run"  # even `run` stops here: nothing is built, written or launched
+    code, out, err = dryrun(args, capsys)
+    assert code == 2 and out == ""
+    assert err.startswith(message.format(tmp=tmp_path)), err
+    assert err.count("\n") == 1
+    assert not clean_env.exists()
+
+
+def test_moe_trains_with_a_lower_lr_than_its_dense_base(clean_env):
+    dense = build_run_config("dryrun 1 gpt2bpe 1.3B none 0 1 1 sel none 100".split(), {})
+    moe = build_run_config("dryrun 1 gpt2bpe 1.3B 128 0 1 1 sel none 100".split(), {})
+    assert (dense.lr, dense.min_lr) == (2e-4, 2e-5)
+    assert (moe.lr, moe.min_lr) == (1.2e-4, 1.0e-6)  # DeepSpeed-MoE's 1.3B+MoE-128 settings
+    other = build_run_config("dryrun 1 gpt2bpe 6.7B 64 0 1 1 sel none 100".split(), {})
+    assert other.lr < 1.2e-4 and other.min_lr < other.lr
