@@ -21,22 +21,33 @@ class TrainPreset:
     train_tokens: int | None = None
     warmup_tokens: int | None = None
     vocab_size: int | None = None
+    # MoE variants train with a lower lr and min lr than their dense base (DeepSpeed-MoE's published scripts:
+    # 125M 4.5e-4/4.5e-6, 350M 2.0e-4/2.0e-6, 1.3B 1.2e-4/1.0e-6). None: 0.6 x the dense lr (the ratio at
+    # 1.3B) with min lr 1% of it.
+    moe_lr: float | None = None
+    moe_min_lr: float | None = None
+
+    def lrs(self, moe: bool) -> tuple[float, float]:
+        if not moe:
+            return self.lr, self.min_lr
+        lr = self.moe_lr if self.moe_lr is not None else 0.6 * self.lr
+        return lr, self.moe_min_lr if self.moe_min_lr is not None else lr / 100
 
 
 PRESETS: dict[str, TrainPreset] = {
-    "0.125B": TrainPreset(6e-4, 6e-5, 524_288),
-    "0.35B": TrainPreset(3e-4, 3e-5, 524_288),
+    "0.125B": TrainPreset(6e-4, 6e-5, 524_288, moe_lr=4.5e-4, moe_min_lr=4.5e-6),
+    "0.35B": TrainPreset(3e-4, 3e-5, 524_288, moe_lr=2.0e-4, moe_min_lr=2.0e-6),
     "0.76B": TrainPreset(2.5e-4, 2.5e-5, 524_288),
-    "1.3B": TrainPreset(2e-4, 2e-5, 1_048_576),
+    "1.3B": TrainPreset(2e-4, 2e-5, 1_048_576, moe_lr=1.2e-4, moe_min_lr=1.0e-6),
     "2.7B": TrainPreset(1.6e-4, 1.6e-5, 1_048_576),
     "3.6B": TrainPreset(1.6e-4, 1.6e-5, 1_048_576),
     "6.7B": TrainPreset(1.2e-4, 1.2e-5, 2_097_152),
     "13B": TrainPreset(1.0e-4, 1.0e-5, 2_097_152),
-    # CPU sizes: `nano` for tests (seconds), `tiny` for the demo (minutes).
+    # CPU sizes: `nano` for tests (seconds), `tiny` for the demo (minutes); dense and MoE share one lr.
     "nano": TrainPreset(1e-3, 1e-4, 8 * 64, seq_len=64, train_tokens=20 * 8 * 64,
-                        warmup_tokens=2 * 8 * 64, vocab_size=512),
+                        warmup_tokens=2 * 8 * 64, vocab_size=512, moe_lr=1e-3, moe_min_lr=1e-4),
     # tiny: 1000 iterations (2M tokens, ~0.6 epoch of the stdlib corpus) take 3-5 minutes on 2 CPU processes;
     # the LM loss falls from ~8.3 to ~4.3.
     "tiny": TrainPreset(2e-3, 2e-4, 16 * 128, seq_len=128, train_tokens=1000 * 16 * 128,
-                        warmup_tokens=20 * 16 * 128, vocab_size=4096),
+                        warmup_tokens=20 * 16 * 128, vocab_size=4096, moe_lr=2e-3, moe_min_lr=2e-4),
 }
