@@ -56,16 +56,6 @@ def device_memory(cfg) -> tuple[float, str]:
     return total / cfg.gpus_per_node, f"host memory / {cfg.gpus_per_node} processes"
 
 
-def experts_per_token(cfg) -> float:
-    if not cfg.num_experts:
-        return 1.0
-    if cfg.router_type == 2:
-        return 2.0
-    if cfg.router_type == 1:  # expert choice: each expert takes capacity_factor x its fair share of tokens
-        return cfg.capacity_factor
-    return 1.0
-
-
 def estimate_memory(cfg, mcfg) -> MemoryEstimate:
     """cfg: RunConfig; mcfg: the GPTMoEConfig it trains."""
     counts = mcfg.param_counts()
@@ -99,11 +89,13 @@ def _activations(cfg, mcfg) -> float:
     layers, h, a = mcfg.num_layers, mcfg.hidden_size, mcfg.num_heads
     s, b = cfg.seq_len // cfg.sp_size, cfg.micro_batch
     scale = 1.0 if cfg.precision in ("bf16", "fp16") else 2.0  # the formula counts 2-byte activations
-    scores = 0.0 if (cfg.device == "cuda" or cfg.recompute != "none") else 5 * a * s * s * b
-    moe_layers = set(mcfg.moe_layer_indices()) if cfg.num_experts else set()
+    # The attention scores: never kept by flash attention (GPU); on CPU dropped by selective recompute, but
+    # rebuilt, one layer at a time, under full recompute.
+    scores = 0.0 if (cfg.device == "cuda" or cfg.recompute == "sel") else 5 * a * s * s * b
+    moe_layers = set(mcfg.moe_layer_indices())
 
     def layer(moe: bool) -> float:
-        mlp = 19 * experts_per_token(cfg) + 4 if moe else 19  # + dispatch/combine buffers
+        mlp = 19 * mcfg.experts_per_token() + 4 if moe else 19  # + dispatch/combine buffers
         return ((15 + mlp) * s * b * h + scores) * scale
 
     per_layer = [layer(i in moe_layers) for i in range(layers)]
