@@ -39,7 +39,7 @@ def build_datasets(cfg, placement, barrier, vocab_size: int):
 
     def build():
         train, valid, _ = build_gpt_datasets(cfg.resolved_data_path, cfg.split, cfg.seq_len, cfg.seed, num_samples,
-                                             cache_dir=str(cfg.run_dir / "data_cache"), vocab_size=vocab_size)
+                                             vocab_size=vocab_size)  # index cached beside the data
         return train, valid
 
     if placement.is_main:

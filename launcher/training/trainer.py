@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -258,4 +259,4 @@ def pretrain(cfg, ds_config_path: Path | None = None) -> int:
 def _report(exc: Exception) -> None:
     """One line from rank 0 (every rank hit the same error)."""
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"error: {exc}", flush=True)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
