@@ -93,6 +93,10 @@ def launch_command(cfg, entry_args: list[str], module: str = "launcher.pretrain"
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(cpu_threads_per_process(cfg.gpus_per_node))}
     if cfg.device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
+        # glibc returns big freed blocks (gradients, activations) to the OS and page-faults them back in every
+        # step; keeping them in the heap made CPU training ~7% faster (tiny MoE-8, 2 processes).
+        env["MALLOC_MMAP_MAX_"] = os.environ.get("MALLOC_MMAP_MAX_", "0")
+        env["MALLOC_TRIM_THRESHOLD_"] = os.environ.get("MALLOC_TRIM_THRESHOLD_", str(16 * 1024**3))
     if cfg.hostfile:
         argv = ["deepspeed", "--hostfile", cfg.hostfile, "--num_gpus", str(cfg.gpus_per_node),
                 "--master_addr", cfg.master_addr, "--master_port", str(cfg.master_port), "--module", module]

@@ -10,7 +10,6 @@ Layout: OUT_DIR/stdlib-<kind>-<vocab>/{tokenizer/, stdlib_text_document.bin/.idx
 corpus.json is written last and marks a complete build, which later calls reuse.
 """
 import json
-import os
 import platform
 import shutil
 import sysconfig
@@ -21,6 +20,7 @@ from launcher.data.indexed import IndexedDataset
 from launcher.data.pipeline import input_fingerprint, preprocess, reusable_tokenizer
 from launcher.data.tokenizer import check_kind, check_vocab_size, load_tokenizer
 from launcher.errors import UsageError
+from launcher.files import write_text_atomic
 
 SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 DEFAULT_VOCAB_SIZE = 4096
@@ -94,7 +94,5 @@ def build_stdlib_corpus(out_dir, tokenizer_kind: str = "gpt2bpe", vocab_size: in
                 shutil.rmtree(tokenizer_dir)  # trained on another Python's stdlib: ours to replace
             preprocess(files, prefix, tokenizer_kind=tokenizer_kind, vocab_size=vocab_size,
                        tokenizer_dir=tokenizer_dir, workers=workers, progress=progress)
-            tmp = home / f"{MARKER}.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
-            os.replace(tmp, home / MARKER)
+            write_text_atomic(json.dumps(expected, indent=1, sort_keys=True) + "\n", home / MARKER)
     return str(prefix), str(tokenizer_dir)

@@ -25,7 +25,7 @@ import torch
 
 from launcher.errors import UsageError
 from launcher.files import write_json_atomic, write_text_atomic
-from launcher.training.distributed import barrier
+from launcher.training.distributed import all_reduce_sum, barrier, broadcast_from_main
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -112,13 +112,19 @@ class Checkpointer:
         """Load LOAD, else this run folder's newest checkpoint; returns the iteration to continue from
         (0 for a fresh run). Collective."""
         source = self.cfg.load
-        found = find_checkpoint(source) if source else find_checkpoint(self.folder)
+        # Rank 0 decides which checkpoint: ranks reading `latest` on their own could pick different ones
+        # (node-local disks, a stale network-filesystem cache) and then hang in the load's collectives.
+        found = broadcast_from_main(find_checkpoint(source or self.folder) if self.placement.is_main else None)
         if source and found is None:
             raise UsageError(f"LOAD: got {source!r}; allowed: a run folder, a checkpoints folder with a "
                              f"'{LATEST}' file, or a tag folder with {TRAINER_STATE} (a complete checkpoint)")
         if found is None:
             return 0
         folder, tag = found
+        unseen = all_reduce_sum([0.0 if (folder / tag / TRAINER_STATE).is_file() else 1.0], self.placement.device)
+        if unseen[0]:
+            raise UsageError(f"checkpoint {folder / tag}: {int(unseen[0])} of {self.placement.world_size} ranks "
+                             "cannot see it; checkpoints must be on storage every node shares")
         state = json.loads((folder / tag / TRAINER_STATE).read_text())
         check_compatible(self.cfg, state, folder / tag)
         path, _ = self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from launcher.files import write_text_atomic
 from launcher.training.distributed import all_reduce_sum
 
 
@@ -76,7 +76,6 @@ class ExpertLoad:
             counts = flat[offset:offset + e]
             offset += e
             total = float(counts.sum())
-            mean = total / e
             out[layer] = {"imbalance": float(flat[len(flat) - 1 - len(layers) + n]) / batches,
                           "dropped": float(flat[len(flat) - 1 - 2 * len(layers) + n]) / batches,
                           "load": [round(float(c) / total, 5) if total else 0.0 for c in counts]}
@@ -166,9 +165,7 @@ def _truncate_after(path, iteration: int) -> None:
         return
     keep = [line for line in path.read_text().splitlines(keepends=True)
             if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    write_text_atomic("".join(keep), path)
 
 
 def format_train_line(iteration: int, total: int, v: dict) -> str:

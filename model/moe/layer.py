@@ -76,7 +76,6 @@ class MoECore(nn.Module):
         self.ep_group = group
 
     def forward(self, x_TD: Tensor) -> tuple[Tensor, Routing, Tensor]:
-        num_tokens = x_TD.shape[0]
         # 1. route: which experts see each token, and with what weight
         routing = self.gate(x_TD)
         counts_E, dispatcher = self._plan(routing, x_TD)
