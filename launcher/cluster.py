@@ -105,6 +105,9 @@ def launch_command(cfg, entry_args: list[str], module: str = "launcher.pretrain"
         argv = [sys.executable, "-m", module]
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     else:
+        # On SIGTERM torchrun gives its workers this long to exit before killing them: long enough for the
+        # checkpoint they save on the way out (its default, 30 s, is not for a large model).
+        env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
         argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.gpus_per_node),
                 "--nnodes", str(cfg.num_nodes), "--node_rank", str(cfg.node_rank),
                 "--master_addr", cfg.master_addr, "--master_port", str(cfg.master_port), "-m", module]

@@ -32,6 +32,7 @@ def test_one_node_several_processes_uses_torchrun(monkeypatch):
     assert argv[argv.index("--nproc_per_node") + 1] == "4" and argv[argv.index("--nnodes") + 1] == "1"
     assert argv[-4:] == ["-m", "launcher.pretrain", "--run-config", "x.json"]
     assert env["OMP_NUM_THREADS"] == "4"  # 16 cores / 4 processes
+    assert int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) >= 300  # time to save a checkpoint on SIGTERM
     assert "RANK" not in env  # torchrun sets per-process ranks
 
 
