@@ -22,7 +22,7 @@ def _name_the_cpu_accelerator() -> None:
 _name_the_cpu_accelerator()
 
 from launcher.cli import USAGE, build_run_config
-from launcher.cluster import format_command, launch_command
+from launcher.cluster import format_command, launch_command, run_torchrun
 from launcher.ds_config import build_ds_config, check_ds_config
 from launcher.dryrun import summary
 from launcher.errors import UsageError
@@ -88,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(cfg, mcfg, str(ds_path), format_command(command, env)), flush=True)
     if cfg.mode == "dryrun":
         return 0
-    os.execvpe(command[0], command, {**os.environ, **env})
+    env = {**os.environ, **env}
+    if "torch.distributed.run" in command:
+        return run_torchrun(command, env)
+    os.execvpe(command[0], command, env)  # one process (or the deepspeed launcher): signals reach it directly
 
 
 if __name__ == "__main__":

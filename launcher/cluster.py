@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
+import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -116,3 +118,36 @@ def launch_command(cfg, entry_args: list[str], module: str = "launcher.pretrain"
 
 def format_command(argv: list[str], env: dict[str, str]) -> str:
     return " ".join([f"{k}={shlex.quote(v)}" for k, v in env.items()] + [shlex.quote(a) for a in argv])
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of `pid` (Linux /proc; empty elsewhere)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+def run_torchrun(argv: list[str], env: dict[str, str]) -> int:
+    """Run torchrun as a child and hand a SIGTERM to its workers rather than to torchrun.
+
+    Preempted, the workers save a checkpoint and exit 0, so torchrun, and the job, exit 0; torchrun
+    signalled itself would stop them the same way but then report the job as failed (exit 1). Ctrl-C
+    (SIGINT) goes to torchrun and its workers as it would from a terminal.
+    """
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+
+    def forward(signum, _frame):
+        targets = (_children(proc.pid) or [proc.pid]) if signum == signal.SIGTERM else [proc.pid]
+        for pid in targets:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    return proc.wait()

@@ -158,7 +158,7 @@ def test_two_nodes_on_one_machine(reference_run, tiny_corpus, tmp_path):
 
 
 def test_sigterm_saves_and_the_same_command_resumes(tiny_corpus, tmp_path):
-    """A preempted job: SIGTERM to the launch (torchrun forwards it to the workers) -> every rank finishes the
+    """A preempted job: SIGTERM to the launch (the launcher hands it to the workers) -> every rank finishes the
     iteration, a checkpoint is saved, the workers exit 0. The same command then resumes from the run folder."""
     positional = "run 2 gpt2bpe nano 8 0 2 1 none none 1000"
     env = train_env(tiny_corpus, tmp_path, iters=2000)
@@ -171,9 +171,10 @@ def test_sigterm_saves_and_the_same_command_resumes(tiny_corpus, tmp_path):
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[0][-4000:]
-    os.kill(proc.pid, signal.SIGTERM)  # the script execs the launcher, which execs torchrun: same pid
+    os.kill(proc.pid, signal.SIGTERM)  # the script execs the launcher, which hands the signal to the workers
     out = proc.communicate(timeout=90)[0]
     assert "SIGTERM: checkpoint saved at iteration" in out, out[-4000:]
+    assert proc.returncode == 0, out[-4000:]  # the whole job exits cleanly, torchrun included
     assert "exitcode  : " not in out  # torchrun reports no failed worker
     run = run_dir(tmp_path)
     stopped = max(metrics(run))
