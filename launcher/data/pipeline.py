@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from launcher.data.indexed import IndexedDatasetWriter, best_dtype
+from launcher.data.indexed import IndexedDatasetWriter, best_dtype, paths
 from launcher.data.sources import expand_inputs, input_kind, iter_documents
 from launcher.data.tokenizer import TOKENIZER_FILE, Tokenizer, check_kind, load_tokenizer, train_from_words
 from launcher.errors import UsageError
@@ -265,13 +265,19 @@ def preprocess(inputs: Sequence, output_prefix, tokenizer_kind: str | None = Non
             staged = final_dir.with_name(f"{final_dir.name}.tmp-{os.getpid()}")
 
     created = _make_dirs(prefix.parent)
+    published = False
     try:
+        if staged is not None:
+            tokenizer.save(staged)  # before the data: a tokenizer that cannot be written stops us early
         documents, tokens, text_bytes, seconds = encode_to_indexed(
             iter_documents(files, json_key), tokenizer, str(prefix), workers, append_eod, total, progress)
+        published = True
         if staged is not None:
-            tokenizer.save(staged)
             os.rename(staged, final_dir)
     except BaseException:
+        if published:  # data whose tokenizer could not be put in place would be unusable
+            for path in paths(prefix):
+                Path(path).unlink(missing_ok=True)
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
         for folder in reversed(created):

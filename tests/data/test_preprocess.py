@@ -135,6 +135,23 @@ def test_a_crash_leaves_nothing_behind(tmp_path, capsys, sample_texts, monkeypat
     assert _listing(tmp_path) == before  # no .bin/.idx, no temporaries, no tokenizer, no folder
 
 
+def test_data_is_not_left_without_its_tokenizer(tmp_path, capsys, sample_texts, monkeypatch):
+    """The tokenizer is put in place after the data; if that fails, the data goes too."""
+    inputs, _ = _corpus(tmp_path, sample_texts)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(dst).name == "tokenizer":
+            raise OSError("disk full")
+        return real_rename(src, dst)
+    monkeypatch.setattr(pipeline.os, "rename", rename)
+    before = _listing(tmp_path)
+    with pytest.raises(OSError, match="disk full"):
+        cli.main(["--input", *inputs, "--output-prefix", str(tmp_path / "out" / "x"), "--vocab-size", "300",
+                  "--workers", "1"])
+    assert _listing(tmp_path) == before
+
+
 def _bad_cases(tmp_path):
     good = tmp_path / "good.txt"
     good.write_text("some text\n")
