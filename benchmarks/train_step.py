@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -121,17 +120,13 @@ def worker(args) -> None:
     shutdown_distributed()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(args, variant: str, out: str) -> dict:
     """Start the variant's processes (a fresh set each, so peak memory is the variant's own)."""
+    from launcher.cluster import cpu_threads_per_process, free_port
+
     me = [str(Path(__file__).resolve()), *sys.argv[1:], "--worker", variant, "--out", out]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.procs)))
+    env.setdefault("OMP_NUM_THREADS", str(cpu_threads_per_process(args.procs)))
     if args.procs == 1:
         cmd = [sys.executable, *me]
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")

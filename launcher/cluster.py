@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -82,6 +83,13 @@ def discover_cluster(env: Mapping[str, str], hostfile: str | None = None) -> dic
         return dict(num_nodes=nodes, node_rank=rank, master_addr=env.get("MASTER_ADDR") or "127.0.0.1",
                     master_port=port)
     return dict(num_nodes=1, node_rank=0, master_addr=env.get("MASTER_ADDR") or "127.0.0.1", master_port=port)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on now, for a run confined to this machine (tests, benchmarks)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def cpu_threads_per_process(procs_per_node: int) -> int:

@@ -4,13 +4,13 @@ The workers (dist_worker.py) run once per session; each test compares one part w
 reference built from the same seeds and batches.
 """
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from launcher.cluster import free_port
 from model import GPTMoE
 from model.checkpoint import load_deepspeed_checkpoint
 
@@ -18,12 +18,6 @@ from . import dist_worker as W
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("model-distributed")]
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +44,7 @@ def _load(outdir):
 
 
 def _run_workers(outdir):
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(WORLD):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),

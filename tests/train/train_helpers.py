@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
+
+from launcher.cluster import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "megatron" / "dlc_run_pretrain_megatron_gpt.sh"
@@ -14,12 +15,6 @@ SCRIPT = ROOT / "examples" / "megatron" / "dlc_run_pretrain_megatron_gpt.sh"
 SEQ = 32
 GLOBAL_BATCH = 8
 TOKENS_PER_ITER = SEQ * GLOBAL_BATCH
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_env(corpus: tuple[str, str], out: Path, iters: int, **extra) -> dict:
