@@ -1,0 +1,91 @@
+"""Dispatch and combine, whose backward passes are written by hand, against the definition.
+
+For every layout (capacity buffer with dropped routes, top-1 and top-2; expert choice; the grouped layout
+of dropless routing), an expert-dependent function between dispatch and combine must give
+    out[t] = sum over t's kept routes r of weight[r] * f_expert(r)(x[t]),
+with the gradients of autograd on that formula, and pass torch.autograd.gradcheck in float64.
+"""
+import pytest
+import torch
+
+from model.moe.dispatch import CapacityDispatcher, GroupedDispatcher
+from model.moe.router import ExpertChoiceRouter, TopKRouter
+
+T, D, E = 12, 3, 4
+
+
+def _routing(kind: str):
+    common = dict(min_capacity=0, drop_tokens=kind != "dropless")
+    if kind == "ec":
+        router = ExpertChoiceRouter(D, E, 2.0, capacity_factor=1.0, **common).train()
+    else:
+        k = 2 if kind in ("top2", "dropless") else 1
+        # capacity factor 0.5: half the routes cannot fit, so some are dropped
+        router = TopKRouter(D, E, k, use_rts=False, capacity_factor=0.5 if kind != "dropless" else 1.0,
+                            **common).train()
+    with torch.no_grad():
+        router.wg.weight.copy_(torch.randn(E, D) * 3)
+    return router(torch.randn(T, D))
+
+
+def _dispatcher(kind, routing):
+    if kind == "dropless":
+        return GroupedDispatcher(routing, T), routing.expert_R[routing.order_R]
+    dispatcher = CapacityDispatcher(routing, E, routing.capacity, T)
+    return dispatcher, torch.arange(E).repeat_interleave(routing.capacity)
+
+
+SCALE_E = torch.tensor([0.5, -1.0, 2.0, 1.5], dtype=torch.float64)
+
+
+def _through(kind, routing):
+    """x, weight -> dispatch -> tanh(scale[expert] * rows) -> combine."""
+    dispatcher, expert_N = _dispatcher(kind, routing)
+
+    def run(x_TD, weight_R):
+        dispatcher.routing.weight_R = weight_R
+        rows = dispatcher.dispatch(x_TD)
+        shape = rows.shape
+        y = torch.tanh(rows.reshape(-1, D) * SCALE_E[expert_N].unsqueeze(-1)).view(shape)
+        return dispatcher.combine(y)
+    return run
+
+
+def _reference(routing, x_TD, weight_R):
+    kept_R = routing.position_R < routing.capacity if routing.capacity is not None else torch.ones_like(
+        routing.token_R, dtype=torch.bool)
+    y_RD = torch.tanh(x_TD[routing.token_R] * SCALE_E[routing.expert_R].unsqueeze(-1))
+    out = torch.zeros(T, D, dtype=x_TD.dtype)
+    return out.index_add(0, routing.token_R, y_RD * (weight_R * kept_R).unsqueeze(-1))
+
+
+@pytest.mark.parametrize("kind", ["top1", "top2", "ec", "dropless"])
+def test_dispatch_combine_match_the_definition_and_gradcheck(kind):
+    routing = _routing(kind)
+    if kind in ("top1", "top2"):
+        assert float(routing.dropped_fraction) > 0  # the case the hand-written backward must mask
+    run = _through(kind, routing)
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    w = routing.weight_R.detach().double().requires_grad_()
+    probe = torch.randn(T, D, dtype=torch.float64)
+
+    out = run(x, w)
+    want = _reference(routing, x, w)
+    torch.testing.assert_close(out, want)
+    grads = torch.autograd.grad((out * probe).sum(), (x, w))
+    want_grads = torch.autograd.grad((want * probe).sum(), (x, w))
+    for got, expected, name in zip(grads, want_grads, ("x", "weight")):
+        torch.testing.assert_close(got, expected, msg=name)
+    assert torch.autograd.gradcheck(run, (x, w))
+
+
+def test_combine_sums_in_fp32_for_bf16_rows():
+    routing = _routing("top2")
+    dispatcher, _ = _dispatcher("top2", routing)
+    x = torch.randn(T, D).bfloat16().requires_grad_()
+    w = routing.weight_R.detach().requires_grad_()
+    dispatcher.routing.weight_R = w
+    out = dispatcher.combine(dispatcher.dispatch(x))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
