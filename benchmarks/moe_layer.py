@@ -7,6 +7,8 @@ For each expert count E it times, on the same random input and output gradient:
   dense k=2   one FFN D -> 2F -> D: the active FLOPs of top-2 and of expert choice at 2 experts per token
   ours        every router (top-1, top-2, expert choice at 2 experts/token), token-dropping and dropless
   deepspeed   deepspeed.moe.layer.MoE with the same settings (top-1, top-2; it has no expert choice)
+  experts     our stacked experts alone on a ready (E, T/E, D) buffer, no router, dispatch or combine:
+              the floor of top-1 (E x larger weights and weight gradients, smaller GEMMs, same FLOPs)
 Expert choice has a fixed capacity by definition, so it has no dropless training mode (its dropless path is
 per-token inference routing). Every MoE includes its router, dispatch, combine and the balancing loss in the
 backward pass. Times are medians over --repeats runs after warm-up; ratios are to the FLOP-matched dense
@@ -33,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.config import GPTMoEConfig  # noqa: E402
+from model.moe.experts import GroupedExperts  # noqa: E402
 from model.moe.layer import MLP, MoELayer  # noqa: E402
 
 ROUTERS = {"top1": dict(router_type=0), "top2": dict(router_type=2),
@@ -111,6 +114,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default (see the docstring)")
     args = parser.parse_args(argv)
+    if any(args.tokens % e for e in args.experts):
+        parser.error(f"--tokens {args.tokens} must be a multiple of every expert count {args.experts}")
     if args.threads:
         torch.set_num_threads(args.threads)
     heap = not args.system_malloc and keep_freed_memory()
@@ -128,6 +133,10 @@ def main(argv=None) -> dict:
         for width in sorted(set(DENSE_WIDTH.values())):
             mlp = MLP(args.hidden, width * args.ffn, bias=False)
             steps[f"dense_k{width}"] = fwd_bwd(mlp, x, grad, list(mlp.parameters()))
+        experts = GroupedExperts(e, args.hidden, args.ffn, group_name="bench")
+        experts.reset_parameters(0.02, 0.02, seed=0)
+        buffer = x.detach().view(e, -1, args.hidden).clone().requires_grad_()
+        steps["experts"] = fwd_bwd(experts, buffer, grad.view_as(buffer), list(experts.parameters()))
         for router in ROUTERS:
             for drop in (True, False):
                 if router == "ec" and not drop:
@@ -143,6 +152,10 @@ def main(argv=None) -> dict:
             if key.startswith("dense"):
                 result["ms"][f"E{e}/{key}"] = round(value, 2)
                 print(f"E={e:<3} dense FFN D->{key[-1]}F->D        {value:8.1f}")
+        floor = ms.pop("experts")
+        result["ms"][f"E{e}/experts"] = round(floor, 2)
+        result["ratio"][f"E{e}/experts"] = round(floor / ms["dense_k1"], 3)
+        print(f"E={e:<3} experts alone (top-1 floor) {floor:8.1f}  {floor / ms['dense_k1']:5.2f}x dense")
         for key, value in ms.items():
             if key.startswith("dense"):
                 continue
