@@ -57,11 +57,8 @@ class RowMap:
         self.kept_R = slot_R < num_rows if dropping else None  # None: no route is dropped
         # Row each route reads: a dropped route reads the last row, with weight 0.
         self.read_R = slot_R.clamp(max=num_rows - 1) if dropping else slot_R
-        # Token feeding each row (token 0 for an empty row); dropped routes write the scratch entry past the end.
-        self.source_N = torch.zeros(num_rows + 1, dtype=torch.long, device=device).scatter_(0, slot_R, token_R)[:-1]
-        self.filled_N = None
-        if padded:
-            self.filled_N = torch.zeros(num_rows + 1, device=device).index_fill_(0, slot_R, 1.0)[:-1]
+        self.source_N = self.by_row(token_R)  # token feeding each row (token 0 for an empty row)
+        self.filled_N = self.by_row(torch.ones(slot_R.shape, device=device)) if padded else None
         k = routes_per_token
         if k:  # routes are K blocks of T tokens: token t's bag is routes t, T + t, ..., (K-1)T + t
             self.bag_I = torch.arange(k * num_tokens, device=device).view(k, num_tokens).t().reshape(-1)
@@ -86,10 +83,9 @@ class RowMap:
             setattr(rows, name, tensor)
         return rows
 
-    def weight_N(self, weight_R: Tensor) -> Tensor:
-        """Route weights laid out by row; 0 for empty rows."""
-        out = weight_R.new_zeros(self.num_rows + 1)  # + a scratch entry that dropped routes write to
-        return out.scatter_(0, self.slot_R, weight_R)[:-1]
+    def by_row(self, values_R: Tensor) -> Tensor:
+        """Route values laid out by row; 0 for empty rows (dropped routes write a scratch entry past the end)."""
+        return values_R.new_zeros(self.num_rows + 1).scatter_(0, self.slot_R, values_R)[:-1]
 
     def rows_from_tokens(self, x_TD: Tensor) -> Tensor:
         """Row n = x[source_N[n]]; an empty row is zeros."""
@@ -146,7 +142,7 @@ class _Combine(torch.autograd.Function):
             if rows.kept_R is not None:
                 grad_weight_R = grad_weight_R * rows.kept_R
             grad_weight_R = grad_weight_R.to(weight_R.dtype)
-        grad_y_ND = grad_ND.mul_(rows.weight_N(weight_R.to(ctx.dtype)).unsqueeze(-1)).to(y_ND.dtype)
+        grad_y_ND = grad_ND.mul_(rows.by_row(weight_R.to(ctx.dtype)).unsqueeze(-1)).to(y_ND.dtype)
         return grad_y_ND, grad_weight_R, None
 
 
