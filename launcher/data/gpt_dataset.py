@@ -1,13 +1,20 @@
 """GPT pretraining samples over indexed datasets: packing, train/valid/test split, shuffling, blending.
 
-Per PREFIX and split (a contiguous range of its documents, cut by the split fractions):
-the split's documents are shuffled (seeded) once per epoch and concatenated into one
-token stream, for as many epochs as the requested samples need. Sample k is stream tokens
-[k*L, k*L + L + 1) with L = seq_len: SEQ_LEN+1 tokens (inputs and next-token labels
-overlap by one), packed across document boundaries, which the end-of-document token
-marks. The sample order is shuffled again (seeded). This index - document order, where
-each sample starts, sample order - is built once and cached as .npy files beside the
-data (or in cache_dir).
+Split: the documents of each PREFIX are shuffled once by a fixed seed (SPLIT_SEED, not the run's --seed)
+and cut by the split fractions, so each split is a sample of the whole corpus (a corpus stored in sorted
+order, such as the stdlib's files, would otherwise validate on its alphabetical tail), the same for every
+run over the same data, whatever its seed. With a fixed cut order, a split with a smaller train fraction
+only moves documents out of train: the validation documents of 98,2,0 stay held out under 90,10,0.
+
+Per PREFIX and split: the split's documents are shuffled once per epoch and concatenated into one token
+stream, for as many epochs as the requested samples need. Sample k is stream tokens [k*L, k*L + L + 1)
+with L = seq_len: SEQ_LEN+1 tokens (inputs and next-token labels overlap by one), packed across document
+boundaries, which the end-of-document token marks. The sample order is shuffled again. The train split's
+shuffles follow the run's --seed; the validation and test splits' follow SPLIT_SEED, so evaluation sees
+the same sequences whatever the seed and losses of different seeds compare (and the first n validation
+samples are the same for any larger n). This index - document order, where each sample starts, sample
+order - is built once and cached as .npy files beside the data (or in cache_dir); the cache entry records
+the split's document shuffle, so caches built by an older layout are rebuilt, never misread.
 
 A blend "0.3 A 0.7 B" draws each split from several prefixes: prefix k supplies its
 share of the samples (largest-remainder rounding of w_k * n, so they sum to n exactly),
@@ -28,6 +35,10 @@ from launcher.errors import UsageError
 logger = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "valid", "test")
+# Shuffles the documents before the split and orders the validation/test samples. A constant: changing
+# it moves documents between train and validation for every existing dataset.
+SPLIT_SEED = 1_000_003
+INDEX_VERSION = 2  # 1: contiguous document ranges, validation order from --seed
 
 
 def parse_split(split: str) -> tuple[float, float, float]:
@@ -78,10 +89,18 @@ def parse_blend(data_path: str) -> list[tuple[float, str]]:
 
 
 def split_ranges(num_docs: int, fractions) -> list[tuple[int, int]]:
-    """Contiguous document ranges [lo, hi) for train, valid, test."""
+    """Contiguous ranges [lo, hi) of the shuffled document order for train, valid, test."""
     bounds = [0] + [int(math.floor(c * num_docs + 0.5)) for c in np.cumsum(fractions)]
     bounds[-1] = num_docs  # the running sum can fall a hair short of 1.0
     return [(bounds[i], bounds[i + 1]) for i in range(3)]
+
+
+def split_documents(num_docs: int, fractions) -> list[np.ndarray]:
+    """Sorted document ids of train, valid and test: all documents shuffled by SPLIT_SEED, then cut by
+    `fractions`. Deterministic in (num_docs, fractions) alone."""
+    id_type = np.int32 if num_docs < 2 ** 31 else np.int64
+    order = np.random.default_rng(SPLIT_SEED).permutation(np.arange(num_docs, dtype=id_type))
+    return [np.sort(order[lo:hi]) for lo, hi in split_ranges(num_docs, fractions)]
 
 
 def apportion(weights, total: int) -> np.ndarray:
@@ -93,15 +112,12 @@ def apportion(weights, total: int) -> np.ndarray:
     return counts
 
 
-def build_sample_index(doc_sizes: np.ndarray, doc_range: tuple[int, int], seq_len: int, num_samples: int,
+def build_sample_index(doc_sizes: np.ndarray, docs: np.ndarray, seq_len: int, num_samples: int,
                        rng: np.random.Generator) -> dict:
-    """doc_order: documents in stream order; starts: (position in doc_order, token offset) of each
-    sample; shuffle: the sample order."""
-    lo, hi = doc_range
-    tokens_per_epoch = int(doc_sizes[lo:hi].sum())
+    """docs: the split's document ids. doc_order: documents in stream order; starts: (position in
+    doc_order, token offset) of each sample; shuffle: the sample order."""
+    tokens_per_epoch = int(doc_sizes[docs].sum())
     epochs = -(-(num_samples * seq_len + 1) // tokens_per_epoch)
-    id_type = np.int32 if hi < 2 ** 31 else np.int64
-    docs = np.arange(lo, hi, dtype=id_type)
     doc_order = np.concatenate([rng.permutation(docs) for _ in range(epochs)])
     sizes = doc_sizes[doc_order]
     ends = np.cumsum(sizes)
@@ -125,17 +141,24 @@ def _cache_root(indexed: IndexedDataset, cache_dir: str | None) -> str:
 class GPTDataset:
     """`num_samples` samples of seq_len+1 int64 token ids from one split of one indexed dataset."""
 
-    def __init__(self, indexed: IndexedDataset, doc_range: tuple[int, int], split: str, seq_len: int,
-                 num_samples: int, seed: int, cache_dir: str | None = None):
+    def __init__(self, indexed: IndexedDataset, fractions, split: str, seq_len: int, num_samples: int, seed: int,
+                 cache_dir: str | None = None, docs: np.ndarray | None = None):
+        """fractions: the (train, valid, test) split; seed: the run's, which orders the train split only.
+        docs: this split's documents where the caller has them (split_documents), else computed."""
         self.indexed, self.seq_len, self.num_samples = indexed, seq_len, num_samples
         split_id = SPLIT_NAMES.index(split)
-        description = {"kind": "gpt-sample-index", "version": 1, **_identity(indexed), "documents": list(doc_range),
-                       "split": split, "seq_len": seq_len, "num_samples": num_samples, "seed": seed}
+        order_seed = seed if split == "train" else SPLIT_SEED
+        fractions = [float(f) for f in fractions]
+        description = {"kind": "gpt-sample-index", "version": INDEX_VERSION, **_identity(indexed),
+                       "documents": {"count": len(indexed), "shuffled_by": SPLIT_SEED, "fractions": fractions,
+                                     "range": list(split_ranges(len(indexed), fractions)[split_id])},
+                       "split": split, "seq_len": seq_len, "num_samples": num_samples, "seed": order_seed}
 
         def build():
             start = time.perf_counter()
-            index = build_sample_index(indexed.sizes, doc_range, seq_len, num_samples,
-                                       np.random.default_rng([seed, split_id]))
+            split_docs = split_documents(len(indexed), fractions)[split_id] if docs is None else docs
+            index = build_sample_index(indexed.sizes, split_docs, seq_len, num_samples,
+                                       np.random.default_rng([order_seed, split_id]))
             logger.info("built the %s sample index of %s: %d samples in %.2f s", split, indexed.prefix,
                         num_samples, time.perf_counter() - start)
             return index
@@ -209,6 +232,7 @@ def build_gpt_datasets(data_path: str, split: str, seq_len: int, seed: int, num_
         for ds in indexed.values():
             _check_vocab(ds, vocab_size, cache_dir)
 
+    doc_splits = {prefix: split_documents(len(ds), fractions) for prefix, ds in indexed.items()}
     result = []
     for split_id, name in enumerate(SPLIT_NAMES):
         wanted = int(num_samples[split_id])
@@ -220,10 +244,10 @@ def build_gpt_datasets(data_path: str, split: str, seq_len: int, seed: int, num_
             if count == 0:
                 continue
             ds = indexed[prefix]
-            doc_range = split_ranges(len(ds), fractions)[split_id]
-            if ds.sizes[doc_range[0]:doc_range[1]].sum() == 0:
+            docs = doc_splits[prefix][split_id]
+            if ds.sizes[docs].sum() == 0:
                 raise UsageError(f"split {split!r} leaves the {name} part of {prefix} without tokens "
                                  f"({len(ds)} documents in all): use more data or another split")
-            parts.append(GPTDataset(ds, doc_range, name, int(seq_len), int(count), int(seed), cache_dir))
+            parts.append(GPTDataset(ds, fractions, name, int(seq_len), int(count), int(seed), cache_dir, docs))
         result.append(parts[0] if len(parts) == 1 else BlendedDataset(parts))
     return tuple(result)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from launcher.data import gpt_dataset
-from launcher.data.gpt_dataset import (BlendedDataset, apportion, build_gpt_datasets, parse_blend, parse_split,
-                                       split_ranges)
+from launcher.data.gpt_dataset import (SPLIT_SEED, BlendedDataset, apportion, build_gpt_datasets, parse_blend,
+                                       parse_split, split_documents, split_ranges)
 from launcher.data.indexed import IndexedDataset, IndexedDatasetWriter
 from launcher.errors import UsageError
 
@@ -94,10 +94,53 @@ def test_samples_pack_documents_into_seq_len_plus_one(tmp_path):
         assert sample.dtype == np.int64 and sample.shape == (17,)
         k = int(train._shuffle[i])
         assert sample.tolist() == stream[k * 16:k * 16 + 17].tolist()  # consecutive samples overlap by one
-    assert {int(d) for d in train._doc_order} <= set(range(40))  # train: the first 80% of documents
-    assert {int(d) for d in valid._doc_order} <= set(range(40, 50))
+    train_docs, valid_docs, _ = split_documents(50, parse_split("80,20,0"))
+    assert {int(d) for d in train._doc_order} == set(train_docs.tolist())
+    assert {int(d) for d in valid._doc_order} <= set(valid_docs.tolist())
     # Each epoch uses every document of the split once.
-    assert sorted(train._doc_order[:40].tolist()) == list(range(40))
+    assert sorted(train._doc_order[:40].tolist()) == train_docs.tolist()
+
+
+# --- the split ---
+
+def test_split_samples_the_whole_corpus():
+    n = 1000
+    train, valid, test = split_documents(n, parse_split("98,2,0"))
+    assert (len(train), len(valid), len(test)) == (980, 20, 0)
+    assert np.intersect1d(train, valid).size == 0 and np.union1d(train, valid).tolist() == list(range(n))
+    # Spread over the corpus, not its tail: validation documents in every quarter of the document order.
+    assert sorted(set((valid // (n // 4)).tolist())) == [0, 1, 2, 3]
+    assert np.array_equal(split_documents(n, parse_split("98,2,0"))[1], valid)  # no run setting changes it
+    # A smaller train fraction only moves documents out of train: held-out documents stay held out.
+    assert set(valid.tolist()) <= set(split_documents(n, parse_split("90,10,0"))[1].tolist())
+    assert set(valid.tolist()) <= set(np.concatenate(split_documents(n, parse_split("98,1,1"))[1:]).tolist())
+
+
+def test_validation_sequences_do_not_depend_on_the_seed(tmp_path):
+    prefix = _make(tmp_path / "d", num_docs=200)
+    train1, valid1, _ = build_gpt_datasets(prefix, "90,10,0", 16, seed=1, num_samples=(20, 12, 0))
+    train2, valid2, _ = build_gpt_datasets(prefix, "90,10,0", 16, seed=2, num_samples=(20, 12, 0))
+    assert all(np.array_equal(valid1[i], valid2[i]) for i in range(12))
+    assert not all(np.array_equal(train1[i], train2[i]) for i in range(20))  # training order does follow it
+    # Train and validation hold different documents (token ids are unique per document here).
+    train_tokens = {t for i in range(20) for t in train1[i].tolist() if t}
+    valid_tokens = {t for i in range(12) for t in valid1[i].tolist() if t}
+    assert train_tokens.isdisjoint(valid_tokens)
+    # A shorter evaluation (fewer eval iterations) evaluates a subset of the longer one.
+    _, fewer, _ = build_gpt_datasets(prefix, "90,10,0", 16, seed=3, num_samples=(20, 5, 0))
+    assert {tuple(fewer[i].tolist()) for i in range(5)} <= {tuple(valid1[i].tolist()) for i in range(12)}
+
+
+def test_cache_entry_records_the_document_shuffle(tmp_path):
+    import json
+
+    prefix = _make(tmp_path / "d")
+    build_gpt_datasets(prefix, "90,10,0", 16, 3, (4, 4, 0), cache_dir=str(tmp_path / "c"))
+    descriptions = [json.loads((tmp_path / "c" / e / "description.json").read_text())
+                    for e in sorted(os.listdir(tmp_path / "c"))]
+    assert [d["split"] for d in descriptions] == ["train", "valid"]
+    assert all(d["version"] == 2 and d["documents"]["shuffled_by"] == SPLIT_SEED for d in descriptions)
+    assert [d["seed"] for d in descriptions] == [3, SPLIT_SEED]
 
 
 def test_as_many_epochs_as_needed(tmp_path):
