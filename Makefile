@@ -16,7 +16,7 @@ $(STAMP): setup.py
 	@# Keep an existing torch (e.g. a CUDA build on a cluster image); otherwise pin a CPU-sized one
 	@# first, so no dependency's range pulls a multi-GB CUDA build.
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,eval]"
 	@touch $(STAMP)
 
 test: setup

@@ -22,5 +22,11 @@ setup(
         "tqdm>=4.60",
         "tensorboard>=2.14",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"]},
+    extras_require={
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"],
+        # lm-evaluation-harness and its HF model class (accelerate, peft): scikit-learn, scipy, nltk, sacrebleu
+        # and more, so optional; `make setup` installs it, `python -m launcher.evaluate` needs it only for
+        # --lm-eval. Its torch range is open: install torch first (as `make setup` does) to keep a CPU build.
+        "eval": ["lm-eval[hf]>=0.4.13,<0.5"],
+    },
 )

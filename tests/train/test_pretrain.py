@@ -99,6 +99,37 @@ def test_generate_cli(reference_run, capsys):
     assert "no complete checkpoint" in capsys.readouterr().err
 
 
+def test_evaluate_cli(reference_run, tiny_corpus, tmp_path, capsys):
+    """An EP=2 checkpoint evaluated in one process: on the 8 sequences training validates on, the same loss;
+    results accumulate in evaluation.json beside the checkpoint; bad input is one line and exit code 2."""
+    from launcher.evaluate import main
+
+    run, _ = reference_run
+    task = tmp_path / "pick.jsonl"
+    task.write_text(json.dumps({"context": "def f(x):\n    return", "choices": [" x", " )"], "label": 0}) + "\n")
+    assert main([str(run), "--data", tiny_corpus[0], "--tasks", str(task), "--limit", "8", "--batch-size", "3",
+                 "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((run / "checkpoints" / "iter_0000006" / "evaluation.json").read_text())
+    valid = results["validation"]["tiny_text_document/valid"]
+    assert valid["sequences"] == 8 and valid["loss"] == pytest.approx(metrics(run, "valid")[6]["loss"], rel=1e-5)
+    assert results["iteration"] == 6 and results["tasks"]["pick"]["examples"] == 1
+    assert "tiny_text_document/valid" in out and "pick" in out and "evaluation.json" in out
+    # A second evaluation, through the example script, adds its entries and keeps the others.
+    script = ROOT / "examples" / "megatron" / "run_evaluate.sh"
+    proc = subprocess.run(["bash", str(script), str(run), "none", str(task), "--limit", "1", "--threads", "1"],
+                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0 and "pick" in proc.stdout, proc.stdout[-3000:]
+    merged = json.loads((run / "checkpoints" / "iter_0000006" / "evaluation.json").read_text())
+    assert merged["validation"] == results["validation"] and merged["tasks"]["pick"]["settings"]["limit"] == 1
+    capsys.readouterr()
+    for bad, message in ((["--limit", "0"], "--limit"), (["--tasks", str(tmp_path / "no.jsonl")], "not found"),
+                         (["--data", "none", "--tasks", "none"], "nothing to evaluate")):
+        assert main([str(run), *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("moe,rt,ac,zero,env", [
     ("8", "1", "sel", "z1", {"PRECISION": "bf16"}),
     ("8", "2", "full", "z2", {}),
