@@ -21,18 +21,34 @@ def check_inputs(cfg) -> None:
         for _, prefix in parse_blend(cfg.data_path):
             IndexedDataset(prefix)  # validates PREFIX.bin/.idx: present, whole, consistent
         load_tokenizer(cfg.resolved_tokenizer_path, kind=cfg.tokenizer)
-    if cfg.load:
-        check_resumable(cfg, cfg.load)
+    check_resumable(cfg)
 
 
-def check_resumable(cfg, source: str) -> None:
-    import json
+def check_resumable(cfg, run_mcfg=None) -> None:
+    """The checkpoint the run will resume from (LOAD, else the run folder's newest), checked as the workers
+    would before loading it: readable, complete, data only, the same model shape and a loadable layout.
+    `run_mcfg`: the run's GPTMoEConfig; None = built here from the run's tokenizer, when it exists already."""
+    from launcher.training.checkpoint import LATEST, TRAINER_STATE, find_checkpoint, verify_checkpoint
 
-    from launcher.training.checkpoint import LATEST, TRAINER_STATE, check_compatible, find_checkpoint
-
+    source = cfg.load or cfg.run_dir / "checkpoints"
     found = find_checkpoint(source)
     if found is None:
-        raise UsageError(f"LOAD: got {source!r}; allowed: a run folder, a checkpoints folder with a "
-                         f"'{LATEST}' file, or a tag folder with {TRAINER_STATE} (a complete checkpoint)")
-    folder, tag = found
-    check_compatible(cfg, json.loads((folder / tag / TRAINER_STATE).read_text()), folder / tag)
+        if cfg.load:
+            raise UsageError(f"LOAD: got {cfg.load!r}; allowed: a run folder, a checkpoints folder with a "
+                             f"'{LATEST}' file, or a tag folder with {TRAINER_STATE} (a complete checkpoint)")
+        return
+    verify_checkpoint(cfg, *found, run_mcfg=run_mcfg or _run_model_config(cfg))
+
+
+def _run_model_config(cfg):
+    """The run's model with its tokenizer's vocabulary; None while the tokenizer is still to be trained."""
+    from pathlib import Path
+
+    from launcher.data.tokenizer import load_tokenizer
+
+    if not Path(cfg.resolved_tokenizer_path).exists():
+        return None
+    try:
+        return cfg.model_config(load_tokenizer(cfg.resolved_tokenizer_path, kind=cfg.tokenizer).vocab_size)
+    except ValueError as exc:
+        raise UsageError(str(exc).splitlines()[0]) from None

@@ -4,20 +4,29 @@
         latest                      the tag of the newest COMPLETE checkpoint (replaced atomically)
         iter_0000020/               DeepSpeed: mp_rank_00_model_states.pt (dense weights), one file per expert
                                     (layer_<L>_expert_<global id>_mp_rank_00_model_states.pt), optimizer shards
-            trainer_state.json      iteration, tokens seen; written last by rank 0
-            rng_rank_00000.pt       each rank's RNG states (routing samples tokens: RTS, jitter)
+            trainer_state.json      iteration, tokens seen, the layout that wrote it (processes, EP, ZeRO,
+                                    precision) and every file with its size; written last by rank 0
+            rng_rank_00000.json     each rank's RNG states (routing samples tokens: RTS, jitter)
             run_config.json         the RunConfig, model_config.json the GPTMoEConfig
             tokenizer/              the run's tokenizer
 
 DeepSpeed writes `latest` on rank 0 before the other ranks have finished writing; here DeepSpeed's pointer is
 off, every rank passes a barrier after its files are on disk, and only then does rank 0 move `latest`. A
 crash during a save leaves `latest` on the previous checkpoint.
+
+Nothing is unpickled with code: our own files are JSON; DeepSpeed's `.pt` files are read through
+`model.checkpoint.safe_load` (weights_only, DeepSpeed's few plain-data types allowed), both by the engine
+(its checkpoint engine's `load` is replaced) and by `load_for_inference`. Before loading, `verify_checkpoint`
+checks what the engine will read: every file present at the size it was written, each pickle free of
+anything but data, the model of the same shape, the layout one the engine can load.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +34,12 @@ import torch
 
 from launcher.errors import UsageError
 from launcher.files import write_json_atomic, write_text_atomic
-from launcher.training.distributed import all_reduce_sum, barrier, broadcast_from_main
+from launcher.training.distributed import barrier, broadcast_from_main
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
+MODEL_CONFIG = "model_config.json"
+RUN_CONFIG = "run_config.json"
 
 
 def tag_for(iteration: int) -> str:
@@ -44,8 +55,11 @@ def find_checkpoint(path: str | Path) -> tuple[Path, str] | None:
     for folder in (path, path / "checkpoints"):
         latest = folder / LATEST
         if latest.is_file():
-            tag = latest.read_text().strip()
-            if (folder / tag / TRAINER_STATE).is_file():
+            try:
+                tag = latest.read_text().strip()
+            except (OSError, UnicodeDecodeError):
+                return None
+            if tag and "/" not in tag and (folder / tag / TRAINER_STATE).is_file():
                 return folder, tag
     return None
 
@@ -58,19 +72,252 @@ def check_compatible(cfg, state: dict, where: Path) -> None:
                              f"run has {mine}; exact resumption needs the same value")
 
 
+# ---------------------------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class Layout:
+    """How the processes that wrote (or will read) a checkpoint split the model and the optimizer."""
+
+    world_size: int
+    ep_size: int
+    zero_stage: int
+    precision: str
+    sp_size: int = 1
+
+    @classmethod
+    def of_run(cls, cfg) -> "Layout":
+        return cls(world_size=cfg.world_size, ep_size=cfg.ep_size, zero_stage=cfg.zero_stage,
+                   precision=cfg.precision, sp_size=cfg.sp_size)
+
+    @classmethod
+    def of_checkpoint(cls, tag_dir: Path, state: dict) -> "Layout":
+        """From trainer_state.json; for checkpoints written before it recorded the layout, from the
+        run_config.json beside it."""
+        if isinstance(state.get("layout"), dict):
+            try:
+                return cls(**state["layout"])
+            except TypeError:
+                raise UsageError(f"{tag_dir / TRAINER_STATE}: 'layout' is not one this toolkit wrote") from None
+        run = read_json(tag_dir / RUN_CONFIG)
+        try:
+            return cls(world_size=int(state.get("world_size") or run["num_nodes"] * run["gpus_per_node"]),
+                       ep_size=int(run["ep_size"]), zero_stage=int(run["zero_stage"]),
+                       precision=str(run["precision"]), sp_size=int(run.get("sp_size", 1)))
+        except (KeyError, TypeError, ValueError):
+            raise UsageError(f"{tag_dir / RUN_CONFIG}: lacks the processes, EP size, ZeRO stage or precision "
+                             "the checkpoint was written with") from None
+
+    def describe(self) -> str:
+        sp = f", SP {self.sp_size}" if self.sp_size > 1 else ""
+        return f"{self.world_size} processes, EP {self.ep_size}{sp}, ZeRO {self.zero_stage}, {self.precision}"
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a checkpoint, or UsageError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path}: missing from the checkpoint") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: not readable JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: not a JSON object")
+    return data
+
+
+def read_trainer_state(tag_dir: Path) -> dict:
+    state = read_json(tag_dir / TRAINER_STATE)
+    if not isinstance(state.get("iteration"), int) or state["iteration"] < 0:
+        raise UsageError(f"{tag_dir / TRAINER_STATE}: no iteration count (a non-negative integer)")
+    return state
+
+
+def read_model_config(tag_dir: Path):
+    """The checkpoint's GPTMoEConfig, or UsageError naming model_config.json and what is wrong with it."""
+    from model.config import GPTMoEConfig
+
+    data = read_json(tag_dir / MODEL_CONFIG)
+    try:
+        return GPTMoEConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{tag_dir / MODEL_CONFIG}: {str(exc).splitlines()[0]}") from None
+
+
+# What fixes the shape of the weights and how they are used; the rest (capacity, EP, recompute, dropout, loss
+# coefficients) may change between runs of one model.
+SHAPE_FIELDS = ("padded_vocab_size", "seq_len", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size",
+                "moe_layer_indices", "experts_per_moe_layer", "router_type", "top_k", "use_residual",
+                "tie_embeddings")
+
+
+def _shape(mcfg) -> dict:
+    out = {}
+    for name in SHAPE_FIELDS:
+        value = getattr(mcfg, name)
+        out[name] = value() if callable(value) else value
+    return out
+
+
+def shape_differences(checkpoint_mcfg, run_mcfg) -> list[str]:
+    """'field: checkpoint value vs run value' for every shape field that differs."""
+    a, b = _shape(checkpoint_mcfg), _shape(run_mcfg)
+    return [f"{name} {a[name]} (checkpoint) vs {b[name]} (this run)" for name in SHAPE_FIELDS if a[name] != b[name]]
+
+
+def check_same_model(tag_dir: Path, run_mcfg) -> None:
+    diffs = shape_differences(read_model_config(tag_dir), run_mcfg)
+    if diffs:
+        raise UsageError(f"checkpoint {tag_dir}: its model differs from this run's: {'; '.join(diffs)}; resume "
+                         "with the MODEL_SIZE, MOE, RT and model flags of the run that wrote it")
+
+
+def check_layout(tag_dir: Path, saved: Layout, now: Layout) -> None:
+    """Loading needs the same layout: DeepSpeed's optimizer files are per rank and per expert-parallel rank."""
+    if saved != now:
+        raise UsageError(f"checkpoint {tag_dir}: written by {saved.describe()}; this run has {now.describe()}; "
+                         "resume with the same processes, EP_SIZE, ZERO and PRECISION")
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _listing(tag_dir: Path) -> dict[str, int | None]:
+    """Every file under the tag folder -> its size in bytes for tensor files (None for the small text files a
+    user may edit), trainer_state.json aside."""
+    return {str(p.relative_to(tag_dir)): p.stat().st_size if p.suffix == ".pt" else None
+            for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != TRAINER_STATE}
+
+
+def expected_files(tag_dir: Path, state: dict, layout: Layout, mcfg) -> dict[str, int | None]:
+    """The files the checkpoint must hold -> their size (None: unknown). Written into trainer_state.json since
+    it records them; for older checkpoints, predicted from DeepSpeed's naming for the layout."""
+    from model.checkpoint import MODEL_STATES
+
+    if isinstance(state.get("files"), dict):
+        return dict(state["files"])
+    names = [MODEL_STATES, MODEL_CONFIG, RUN_CONFIG] + [p.name for p in sorted(tag_dir.glob("rng_rank_*"))]
+    for layer, experts in enumerate(mcfg.experts_per_moe_layer()):
+        names += [f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for e in range(experts)]
+    if layout.zero_stage > 0:
+        prefix = "bf16_" if layout.precision == "bf16" else ""
+        names += [f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(layout.world_size)]
+    elif mcfg.is_moe:
+        names += [f"expp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(layout.ep_size)]
+    return {name: None for name in names}
+
+
+def rng_file(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / f"rng_rank_{rank:05d}.json"
+
+
+def _legacy_rng_file(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / f"rng_rank_{rank:05d}.pt"
+
+
+def check_files(tag_dir: Path, files: dict[str, int | None]) -> None:
+    """Every file present, at the size it was written; every .pt file's pickle holds data only (it is scanned,
+    not run: see model.checkpoint.check_checkpoint_file)."""
+    from model.checkpoint import CheckpointError, check_checkpoint_file
+
+    for name, size in sorted(files.items()):
+        path = tag_dir / name
+        if not path.is_file():
+            raise UsageError(f"checkpoint {tag_dir}: {name} is missing; the checkpoint is incomplete")
+        if size is not None and path.stat().st_size != size:
+            raise UsageError(f"checkpoint {tag_dir}: {name} has {path.stat().st_size} bytes, {size} were written "
+                             "(truncated or replaced)")
+        if name.endswith(".pt"):
+            try:
+                check_checkpoint_file(path, _numpy_types() if name.startswith("rng_rank_") else None)
+            except CheckpointError as exc:
+                raise UsageError(str(exc)) from None
+
+
+def verify_checkpoint(cfg, folder: Path, tag: str, run_mcfg=None) -> dict:
+    """Everything resuming from folder/tag needs, checked without loading a tensor: returns the trainer state.
+    A finished run (iteration >= the run's) is only checked for its state: nothing more is read."""
+    tag_dir = folder / tag
+    state = read_trainer_state(tag_dir)
+    check_compatible(cfg, state, tag_dir)
+    if state["iteration"] >= cfg.train_iters:
+        return state
+    mcfg = read_model_config(tag_dir)
+    if run_mcfg is not None:
+        check_same_model(tag_dir, run_mcfg)
+    check_layout(tag_dir, Layout.of_checkpoint(tag_dir, state), Layout.of_run(cfg))
+    check_files(tag_dir, expected_files(tag_dir, state, Layout.of_checkpoint(tag_dir, state), mcfg))
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+def _numpy_types() -> tuple:
+    """What a numpy array pickles as (older checkpoints kept numpy's RNG state that way)."""
+    from numpy import dtype, ndarray
+
+    reconstruct = getattr(getattr(np, "_core", np.core), "multiarray")._reconstruct
+    return (reconstruct, ndarray, dtype, type(np.dtype(np.uint32)))
+
+
 def _rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as JSON data."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"python": [version, list(internal), gauss],
+              "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+              "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state()
+        states["cuda"] = torch.cuda.get_rng_state().tolist()
     return states
 
 
 def _set_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
+    """From `_rng_states()` (JSON) or the torch.save'd dict older checkpoints hold."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(torch.as_tensor(states["torch"], dtype=torch.uint8))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
+        torch.cuda.set_rng_state(torch.as_tensor(states["cuda"], dtype=torch.uint8))
+
+
+def read_rng_states(tag_dir: Path, rank: int) -> dict | None:
+    from model.checkpoint import CheckpointError, safe_load
+
+    path = rng_file(tag_dir, rank)
+    if path.is_file():
+        return read_json(path)
+    legacy = _legacy_rng_file(tag_dir, rank)
+    if legacy.is_file():
+        try:
+            return safe_load(legacy, allowed=_numpy_types())
+        except CheckpointError as exc:
+            raise UsageError(str(exc)) from None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- engine
+class SafeLoading:
+    """DeepSpeed's checkpoint engine with `load` going through `safe_load`; saving and the rest unchanged.
+    DeepSpeed's own `load` is `torch.load(weights_only=False)`: it would run a planted pickle."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def load(self, path, map_location=None):
+        from model.checkpoint import CheckpointError, safe_load
+
+        try:
+            return safe_load(path, map_location=map_location)
+        except CheckpointError as exc:
+            raise UsageError(str(exc)) from None
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def load_safely(engine) -> None:
+    """Make every checkpoint file `engine` reads go through `safe_load`."""
+    current = getattr(engine, "checkpoint_engine", None)
+    if current is not None and not isinstance(current, SafeLoading):
+        engine.checkpoint_engine = SafeLoading(current)
 
 
 class Checkpointer:
@@ -79,6 +326,7 @@ class Checkpointer:
         self.mcfg = mcfg
         self.placement = placement
         self.engine = engine
+        load_safely(engine)
         self.tokenizer_dir = Path(tokenizer_dir)
         self.folder = cfg.run_dir / "checkpoints"
         self.last_saved: int | None = None
@@ -92,75 +340,122 @@ class Checkpointer:
         tag_dir = self.folder / tag
         self.engine.save_checkpoint(str(self.folder), tag=tag, client_state={"iteration": iteration},
                                     save_latest=False)
-        torch.save(_rng_states(), tag_dir / f"rng_rank_{self.placement.rank:05d}.pt")
+        write_text_atomic(json.dumps(_rng_states()), rng_file(tag_dir, self.placement.rank))
         barrier()  # every rank's files are written
         if self.placement.is_main:
-            self.cfg.save(tag_dir / "run_config.json")
-            write_json_atomic(self.mcfg.to_dict(), tag_dir / "model_config.json")
+            self.cfg.save(tag_dir / RUN_CONFIG)
+            write_json_atomic(self.mcfg.to_dict(), tag_dir / MODEL_CONFIG)
             if self.tokenizer_dir.is_dir():
                 shutil.copytree(self.tokenizer_dir, tag_dir / "tokenizer", dirs_exist_ok=True)
             write_json_atomic({"iteration": iteration, "tokens": tokens, "train_iters": self.cfg.train_iters,
                                "world_size": self.placement.world_size, "global_batch": self.cfg.global_batch,
-                               "seq_len": self.cfg.seq_len}, tag_dir / TRAINER_STATE)
+                               "seq_len": self.cfg.seq_len, "layout": asdict(Layout.of_run(self.cfg)),
+                               "files": _listing(tag_dir)}, tag_dir / TRAINER_STATE)
             write_text_atomic(tag + "\n", self.folder / LATEST)
         barrier()  # nobody moves on (or exits) before `latest` names a complete checkpoint
         self.last_saved = iteration
         return tag_dir
 
     # ------------------------------------------------------------------ load
+    def _source(self):
+        """Rank 0's answer, on every rank: ((folder, tag) or None, trainer state, error message)."""
+        source = self.cfg.load
+        found = find_checkpoint(source or self.folder)
+        if source and found is None:
+            return None, None, (f"LOAD: got {source!r}; allowed: a run folder, a checkpoints folder with a "
+                                f"'{LATEST}' file, or a tag folder with {TRAINER_STATE} (a complete checkpoint)")
+        if found is None:
+            return None, None, None
+        try:
+            return found, verify_checkpoint(self.cfg, *found, run_mcfg=self.mcfg), None
+        except UsageError as exc:
+            return found, None, str(exc)
+
     def resume(self) -> int:
         """Load LOAD, else this run folder's newest checkpoint; returns the iteration to continue from
         (0 for a fresh run). Collective."""
-        source = self.cfg.load
-        # Rank 0 decides which checkpoint: ranks reading `latest` on their own could pick different ones
-        # (node-local disks, a stale network-filesystem cache) and then hang in the load's collectives.
-        found = broadcast_from_main(find_checkpoint(source or self.folder) if self.placement.is_main else None)
-        if source and found is None:
-            raise UsageError(f"LOAD: got {source!r}; allowed: a run folder, a checkpoints folder with a "
-                             f"'{LATEST}' file, or a tag folder with {TRAINER_STATE} (a complete checkpoint)")
+        # Rank 0 decides which checkpoint and checks it: ranks reading `latest` on their own could pick different
+        # ones (node-local disks, a stale network-filesystem cache), and a file refused on one rank only would
+        # leave the others waiting in the load's collectives.
+        found, state, error = broadcast_from_main(self._source() if self.placement.is_main else None)
+        if error:
+            raise UsageError(error)
         if found is None:
             return 0
         folder, tag = found
-        unseen = all_reduce_sum([0.0 if (folder / tag / TRAINER_STATE).is_file() else 1.0], self.placement.device)
-        if unseen[0]:
-            raise UsageError(f"checkpoint {folder / tag}: {int(unseen[0])} of {self.placement.world_size} ranks "
-                             "cannot see it; checkpoints must be on storage every node shares")
-        state = json.loads((folder / tag / TRAINER_STATE).read_text())
-        check_compatible(self.cfg, state, folder / tag)
+        tag_dir = folder / tag
+        _agree(None if (tag_dir / TRAINER_STATE).is_file() else
+               f"checkpoint {tag_dir}: rank {self.placement.rank} cannot see it; checkpoints must be on storage "
+               "every node shares")
+        iteration = int(state["iteration"])
+        self.last_saved = iteration if folder.resolve() == self.folder.resolve() else None
+        if iteration >= self.cfg.train_iters:
+            return iteration  # finished: nothing to load
+        try:
+            self._load(folder, tag, iteration)
+            error = None
+        except UsageError as exc:  # e.g. a file replaced after rank 0 checked it
+            error = str(exc)
+        _agree(error)
+        return iteration
+
+    def _load(self, folder: Path, tag: str, iteration: int) -> None:
+        tag_dir = folder / tag
         path, _ = self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint {folder / tag}")
-        rng = folder / tag / f"rng_rank_{self.placement.rank:05d}.pt"
-        if rng.is_file() and state.get("world_size") == self.placement.world_size:
-            _set_rng_states(torch.load(rng, weights_only=False))  # our own file; numpy's state is not a tensor
-        else:  # another world size: RNG streams cannot continue; make the new ones at least reproducible
-            seed = self.cfg.seed + 1000 * state["iteration"] + self.placement.rank
+            raise UsageError(f"checkpoint {tag_dir}: DeepSpeed found nothing to load in it")
+        rng = read_rng_states(tag_dir, self.placement.rank)
+        if rng is not None:
+            _set_rng_states(rng)
+        else:  # RNG streams cannot continue; make the new ones at least reproducible
+            seed = self.cfg.seed + 1000 * iteration + self.placement.rank
             random.seed(seed)
             np.random.seed(seed % 2**32)
             torch.manual_seed(seed)
-        self.last_saved = state["iteration"] if folder.resolve() == self.folder.resolve() else None
-        return int(state["iteration"])
 
+
+def _agree(error: str | None) -> None:
+    """Collective: raise the first rank's error on every rank (so none waits for one that has given up)."""
+    import torch.distributed as dist
+
+    errors = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise UsageError(first)
 
 
 def load_for_inference(path: str | Path, device: str = "cpu"):
     """(model in eval mode, tokenizer, tag folder) from a run folder, a checkpoints folder or a tag folder,
-    in one process: no torch.distributed, every expert local, fp32."""
+    in one process: no torch.distributed, every expert local, fp32. Raises UsageError (one line naming the file)
+    for a missing, incomplete, unreadable, unsafe or mismatched checkpoint."""
     from launcher.data.tokenizer import load_tokenizer
-    from model.checkpoint import load_deepspeed_checkpoint
-    from model.config import GPTMoEConfig
+    from model.checkpoint import CheckpointError, load_deepspeed_checkpoint
     from model.gpt import GPTMoE
 
     found = find_checkpoint(path)
     if found is None:
-        raise FileNotFoundError(f"{path}: no complete checkpoint (a run folder, a checkpoints folder with a "
-                                f"'{LATEST}' file, or a tag folder with {TRAINER_STATE})")
+        raise UsageError(f"{path}: no complete checkpoint (a run folder, a checkpoints folder with a "
+                         f"'{LATEST}' file, or a tag folder with {TRAINER_STATE})")
     tag_dir = found[0] / found[1]
-    config = json.loads((tag_dir / "model_config.json").read_text())
-    mcfg = GPTMoEConfig.from_dict({**config, "ep_size": 1, "recompute": "none"})
+    saved = read_model_config(tag_dir)
+    mcfg = type(saved).from_dict({**saved.to_dict(), "ep_size": 1, "recompute": "none"})
+    state = read_trainer_state(tag_dir)
+    files = {name: size for name, size in expected_files(tag_dir, state, Layout(1, 1, 0, "fp32"), mcfg).items()
+             if "_model_states.pt" in name or name == MODEL_CONFIG}
+    check_files(tag_dir, files)
     model = GPTMoE(mcfg, ep_rank=0)
-    load_deepspeed_checkpoint(model, found[0], found[1])  # every expert's file, whatever EP wrote them
+    try:
+        load_deepspeed_checkpoint(model, found[0], found[1])  # every expert's file, whatever EP wrote them
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
     model = model.float().to(device).eval()
-    tokenizer = load_tokenizer(tag_dir / "tokenizer")
+    try:
+        tokenizer = load_tokenizer(tag_dir / "tokenizer")
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{tag_dir / 'tokenizer'}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
+            from None
     return model, tokenizer, tag_dir

@@ -46,7 +46,7 @@ def test_run_logs_evaluates_and_checkpoints(reference_run):
     assert sorted(p.name for p in tag.glob("layer_0_expert_*_mp_rank_00_model_states.pt")) == [
         f"layer_0_expert_{i}_mp_rank_00_model_states.pt" for i in range(8)]
     for name in ("mp_rank_00_model_states.pt", "run_config.json", "model_config.json", "trainer_state.json",
-                 "tokenizer/tokenizer.json", "rng_rank_00000.pt", "rng_rank_00001.pt"):
+                 "tokenizer/tokenizer.json", "rng_rank_00000.json", "rng_rank_00001.json"):
         assert (tag / name).is_file(), name
     assert json.loads((tag / "trainer_state.json").read_text())["iteration"] == 6
     assert (ckpt / "iter_0000003" / "trainer_state.json").is_file()
@@ -184,7 +184,7 @@ def test_two_nodes_on_one_machine(reference_run, tiny_corpus, tmp_path):
     two_nodes, reference = metrics(run), metrics(reference_run[0])
     assert [two_nodes[i]["lm_loss"] for i in range(1, 7)] == [reference[i]["lm_loss"] for i in range(1, 7)]
     tag = run / "checkpoints" / "iter_0000006"
-    assert (tag / "rng_rank_00000.pt").is_file() and (tag / "rng_rank_00001.pt").is_file()
+    assert (tag / "rng_rank_00000.json").is_file() and (tag / "rng_rank_00001.json").is_file()
     assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000006"
 
 
