@@ -141,12 +141,13 @@ def _spread(per_file: list[list[dict]], count: int, rng: random.Random) -> list[
     return chosen
 
 
-def build_examples(split: str = DEFAULT_SPLIT, count: int = DEFAULT_EXAMPLES) -> dict[str, list[dict]]:
-    """{task name: examples}, deterministic for one stdlib and settings."""
+def build_examples(split: str = DEFAULT_SPLIT, count: int = DEFAULT_EXAMPLES,
+                   files: list[Path] | None = None) -> dict[str, list[dict]]:
+    """{task name: examples}, deterministic for one stdlib and settings; `files`: validation_files(split)."""
     from launcher.data.stdlib_corpus import stdlib_root
 
     root = stdlib_root()
-    files = validation_files(split)
+    files = validation_files(split) if files is None else files
     identifiers, next_lines = [], []
     for path in files:
         name = path.relative_to(root).as_posix()
@@ -157,14 +158,14 @@ def build_examples(split: str = DEFAULT_SPLIT, count: int = DEFAULT_EXAMPLES) ->
     return {LAST_IDENTIFIER: _spread(identifiers, count, rng), NEXT_LINE: _spread(next_lines, count, rng)}
 
 
-def _expected_manifest(split: str, count: int) -> dict:
+def _expected_manifest(split: str, count: int, files: list[Path]) -> dict:
     from launcher.data.gpt_dataset import SPLIT_SEED
     from launcher.data.stdlib_corpus import stdlib_root
 
     root = stdlib_root()
     return {"generator_version": GENERATOR_VERSION, "python": platform.python_version(), "stdlib": str(root),
             "split": split, "split_seed": SPLIT_SEED, "examples_per_task": count,
-            "files": [p.relative_to(root).as_posix() for p in validation_files(split)]}
+            "files": [p.relative_to(root).as_posix() for p in files]}
 
 
 def write_stdlib_tasks(output_dir: str | Path, split: str = DEFAULT_SPLIT, count: int = DEFAULT_EXAMPLES,
@@ -174,7 +175,8 @@ def write_stdlib_tasks(output_dir: str | Path, split: str = DEFAULT_SPLIT, count
 
     output_dir = Path(output_dir)
     paths = {name: output_dir / f"{name}.jsonl" for name in TASK_NAMES}
-    expected = _expected_manifest(split, count)
+    files = validation_files(split)  # a walk over the whole stdlib: once
+    expected = _expected_manifest(split, count, files)
     manifest = output_dir / MANIFEST
     if not force and manifest.is_file() and all(p.is_file() for p in paths.values()):
         try:
@@ -182,7 +184,7 @@ def write_stdlib_tasks(output_dir: str | Path, split: str = DEFAULT_SPLIT, count
                 return paths
         except ValueError:
             pass
-    examples = build_examples(split, count)
+    examples = build_examples(split, count, files)
     manifest.unlink(missing_ok=True)  # written last: marks a complete set
     counts = {}
     for name, rows in examples.items():

@@ -243,7 +243,7 @@ def test_stdlib_tasks_come_from_held_out_files_deterministically(tmp_path):
     assert paths["stdlib_next_line"].stat().st_mtime_ns == modified
 
 
-def _memorise(model, sequences, steps=150):
+def _memorise(model, sequences, steps=80):
     """Train `model` until it predicts each of `sequences` (a model known to be right on them)."""
     width = max(map(len, sequences))
     batch = torch.zeros(len(sequences), width, dtype=torch.long)
@@ -251,7 +251,7 @@ def _memorise(model, sequences, steps=150):
     for i, s in enumerate(sequences):
         batch[i, :len(s)] = torch.tensor(s)
         labels[i, :len(s) - 1] = torch.tensor(s[1:])
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     model.train()
     for _ in range(steps):
         optimizer.zero_grad()
@@ -269,7 +269,18 @@ def test_lm_eval_on_a_nano_model_agrees_with_our_scores(byte_tokenizer, task_fil
     torch.manual_seed(0)
     model = _memorise(GPTMoE(config), _right_sequences(byte_tokenizer, COMPLETION[:2] + CHOICE[:2]))
     ours = evaluate_model(model, byte_tokenizer, tasks=[str(p) for p in task_files], batch_size=4)["tasks"]
-    theirs = run_lm_eval(model, byte_tokenizer, task_files, batch_size=4)
+    # A task folder of the user's own, in lm-eval's terms, beside ours.
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    _write(folder / "qa.jsonl", [{"question": "2 + 2", "good": " 4", "bad": " 5"}] * 3)
+    (folder / "mine.yaml").write_text(
+        f"task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'qa.jsonl'}\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: 'Q: {{question}}'\n"
+        "doc_to_choice: '{{[good, bad]}}'\ndoc_to_target: 0\nmetric_list:\n  - metric: acc\n")
+    theirs = run_lm_eval(model, byte_tokenizer, task_files, include_path=folder, task_names=["mine"], batch_size=4)
+    assert theirs["mine"]["examples"] == 3 and 0 <= theirs["mine"]["acc"] <= 1
+    with pytest.raises(UsageError, match="nope not found"):
+        run_lm_eval(model, byte_tokenizer, include_path=folder, task_names=["nope"])
     assert theirs["complete"]["examples"] == ours["complete"]["examples"] == 4  # the same one left out
     assert theirs["choose"]["examples"] == 4
     assert theirs["complete"]["acc"] == pytest.approx(ours["complete"]["acc"])
