@@ -104,7 +104,9 @@ def evaluate_model(model, tokenizer, data: Sequence = (), tasks: Sequence[str] =
 
 def _run_settings(tag_dir: Path) -> dict:
     """What the checkpoint's run trained on: its split, its data (None: the embedded corpus)."""
-    path = tag_dir / "run_config.json"
+    from launcher.training.checkpoint import RUN_CONFIG
+
+    path = tag_dir / RUN_CONFIG
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -132,7 +134,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: Sequence | None = None, ta
     import torch
 
     from launcher.evaluation.report import RESULTS_FILE, merge_results
-    from launcher.training.checkpoint import LATEST, TRAINER_STATE, find_checkpoint, load_for_inference
+    from launcher.training.checkpoint import (LATEST, TRAINER_STATE, find_checkpoint, load_for_inference,
+                                              read_trainer_state)
 
     check_settings(options.get("limit"), options.get("batch_size", 16), tasks or ())
     if threads is not None and threads < 1:
@@ -167,7 +170,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: Sequence | None = None, ta
         torch.set_num_threads(threads)
     model, tokenizer, tag_dir = load_for_inference(tag_dir, device)
     results = evaluate_model(model, tokenizer, data, tasks, split=split, device=device, **options)
-    state = json.loads((tag_dir / TRAINER_STATE).read_text())
+    state = read_trainer_state(tag_dir)
     results = {"checkpoint": str(tag_dir.resolve()), "iteration": state.get("iteration"),
                "tokens": state.get("tokens"), **results}
     path = Path(output) if output is not None else tag_dir / RESULTS_FILE
