@@ -38,8 +38,8 @@ from model.config import GPTMoEConfig  # noqa: E402
 from model.moe.experts import GroupedExperts  # noqa: E402
 from model.moe.layer import MLP, MoELayer  # noqa: E402
 
-ROUTERS = {"top1": dict(router_type=0), "top2": dict(router_type=2),
-           "ec": dict(router_type=1, top_k=2.0)}  # expert choice, 2 experts per token on average
+ROUTERS = {"top1": dict(router_type="top1"), "top2": dict(router_type="top2"),
+           "ec": dict(router_type="expert_choice", expert_choice_k=2.0)}  # expert choice, 2 experts per token on average
 DENSE_WIDTH = {"top1": 1, "top2": 2, "ec": 2}  # FFN width multiple with the same active FLOPs
 
 

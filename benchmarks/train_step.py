@@ -79,7 +79,7 @@ def worker(args) -> None:
     model = build_model(cfg, mcfg, placement)
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=build_ds_config(cfg))
     gen = torch.Generator().manual_seed(placement.rank)
-    tokens = torch.randint(0, mcfg.vocab_size, (args.warmup + args.steps, cfg.micro_batch, cfg.seq_len + 1),
+    tokens = torch.randint(0, mcfg.vocab_size, (args.warmup + args.steps, cfg.micro_batch, cfg.model.seq_len + 1),
                            generator=gen).to(placement.device)
 
     def step(i):
@@ -108,15 +108,15 @@ def worker(args) -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     peak = torch.tensor([float(peak)], dtype=torch.float64, device=placement.device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    tokens_per_s = cfg.micro_batch * cfg.seq_len / step_s  # per process
+    tokens_per_s = cfg.micro_batch * cfg.model.seq_len / step_s  # per process
     counts = mcfg.param_counts()
     if placement.is_main:
         Path(args.out).write_text(json.dumps({
             "step_ms": round(step_s * 1e3, 2), "tokens_per_s_per_process": round(tokens_per_s, 1),
-            "tflops_per_process": round(tokens_per_s * flops_per_token(mcfg, cfg.seq_len) / 1e12, 5),
+            "tflops_per_process": round(tokens_per_s * flops_per_token(mcfg, cfg.model.seq_len) / 1e12, 5),
             "peak_memory_mib_per_process": round(float(peak) / 2**20, 1),
-            "params_total": counts["total"], "params_active": counts["active"], "ep_size": cfg.ep_size,
-            "seq_len": cfg.seq_len, "precision": cfg.precision, "device": cfg.device}))
+            "params_total": counts["total"], "params_active": counts["active"], "ep_size": cfg.model.ep_size,
+            "seq_len": cfg.model.seq_len, "precision": cfg.precision, "device": cfg.device}))
     shutdown_distributed()
 
 
@@ -151,7 +151,7 @@ def main() -> None:
                                                        max(1, (os.cpu_count() or 1) // args.procs)),
               # Other processes on the machine slow every figure: the load when we started says how much.
               "load_avg_1min": round(os.getloadavg()[0], 2)}
-    print(f"{args.size}: seq {cfg.seq_len}, micro batch {args.micro_batch}, {args.procs} process(es) "
+    print(f"{args.size}: seq {cfg.model.seq_len}, micro batch {args.micro_batch}, {args.procs} process(es) "
           f"[{cfg.device}, {cfg.precision}], load average {report['load_avg_1min']}")
     variants = (("dense", "dense"), ("moe", f"moe{args.experts}"))
     with tempfile.TemporaryDirectory(prefix="bench-train-step-") as tmp:

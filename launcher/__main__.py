@@ -22,25 +22,27 @@ def _name_the_cpu_accelerator() -> None:
 _name_the_cpu_accelerator()
 
 from launcher.cli import USAGE, build_run_config
+from launcher.config import RunConfig
 from launcher.cluster import format_command, launch_command, run_torchrun
 from launcher.ds_config import build_ds_config, check_ds_config
 from launcher.dryrun import summary
 from launcher.errors import UsageError
 from launcher.files import write_json_atomic
 from launcher.preflight import check_inputs
+from model.config import GPTMoEConfig
 
 
-def prepare_data(cfg) -> None:
+def prepare_data(cfg: RunConfig) -> None:
     """With no DATA_PATH, tokenize the embedded corpus (the Python standard library) once, before any rank starts."""
     if cfg.data_path:
         return
     from launcher.data.stdlib_corpus import build_stdlib_corpus
 
     # Serialised by the builder itself: a second launcher on this machine waits, then reuses the corpus.
-    build_stdlib_corpus(cfg.default_data_dir.parent, tokenizer_kind=cfg.tokenizer, vocab_size=cfg.vocab_size)
+    build_stdlib_corpus(cfg.default_data_dir.parent, tokenizer_kind=cfg.tokenizer, vocab_size=cfg.model.vocab_size)
 
 
-def tokenizer_vocab_size(cfg) -> int | None:
+def tokenizer_vocab_size(cfg: RunConfig) -> int | None:
     """The vocabulary of the run's tokenizer when it exists already; else None (the configured size is used)."""
     path = Path(cfg.resolved_tokenizer_path)
     if not path.exists():
@@ -50,23 +52,15 @@ def tokenizer_vocab_size(cfg) -> int | None:
     return load_tokenizer(str(path), kind=cfg.tokenizer).vocab_size
 
 
-def model_config(cfg, vocab_size: int | None = None):
-    try:
-        return cfg.model_config(vocab_size)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def resolve(argv: list[str], env) -> tuple:
+def resolve(argv: list[str], env) -> tuple[RunConfig, GPTMoEConfig, dict]:
     """Everything validated, cheapest first; the corpus is built (run mode) only once all else is known good."""
     cfg = build_run_config(argv, env)
-    model_config(cfg)
     ds = build_ds_config(cfg)
     check_ds_config(ds)
     check_inputs(cfg)
     if cfg.mode == "run":
         prepare_data(cfg)
-    return cfg, model_config(cfg, tokenizer_vocab_size(cfg)), ds
+    return cfg, cfg.model_config(tokenizer_vocab_size(cfg)), ds
 
 
 def main(argv: list[str] | None = None) -> int:

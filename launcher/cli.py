@@ -1,20 +1,21 @@
 """Positional arguments + `--flags` + environment -> one RunConfig.
 
-Precedence, lowest first: size-table defaults, positional arguments, environment, flags.
+Every setting, run or model, has a flag: its name with dashes (`--lr`, `--router-jitter`), or for a model
+setting Megatron-LM's name where it has one (`--num-attention-heads`; see `launcher.config.MODEL_FLAG_NAMES`).
+Precedence, lowest first: size-table defaults, environment, positional arguments and flags on the line.
 """
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
 from collections.abc import Mapping, Sequence
 
 from launcher.cluster import discover_cluster
-from launcher.config import ZERO_ALIASES, RunConfig
+from launcher.config import (ENVIRONMENT, MODEL_FLAG_NAMES, POSITIONAL, RUN_FIELDS, SETTING_ALIASES, ZERO_ALIASES,
+                             RunConfig, flag_name)
 from launcher.errors import UsageError
-
-POSITIONAL = ("MODE", "GPUS_PER_NODE", "TOKENIZER", "MODEL_SIZE", "MOE", "RT", "BATCH_SIZE", "SP", "AC", "ZERO",
-              "SAVE_INTERVAL")
+from model.config import FIELDS as MODEL_FIELDS
+from model.config import ROUTER_ALLOWED, ConfigError, GPTMoEConfig, RouterKind
 
 USAGE = """\
 usage: dlc_run_pretrain_megatron_gpt.sh MODE GPUS_PER_NODE TOKENIZER MODEL_SIZE MOE RT BATCH_SIZE SP AC ZERO SAVE_INTERVAL [--flag value ...]
@@ -33,13 +34,11 @@ usage: dlc_run_pretrain_megatron_gpt.sh MODE GPUS_PER_NODE TOKENIZER MODEL_SIZE 
 
 environment: WORLD_SIZE (nodes) RANK (node rank) MASTER_ADDR MASTER_PORT SEQ_LEN DATA_PATH OUTPUT_BASEPATH
              TRAIN_TOKENS WARMUP_TOKENS GLOBAL_BATCH_SIZE EP_SIZE PRECISION LOAD OFFLOAD
-flags:       any run setting as --name value, e.g. --lr 3e-4 --seq-len 1024 --eval-interval 50 --no-drop-tokens
+flags:       any run or model setting as --name value, e.g. --lr 3e-4 --seq-len 1024 --hidden-size 1024
+             --num-layers 8 --num-attention-heads 16 --ffn-hidden-size 4096 --router-jitter 0.01 --no-drop-tokens
 example:     bash examples/megatron/dlc_run_pretrain_megatron_gpt.sh run 1 jiebabpe 0.125B 8 0 1 1 sel none 10000"""
 
-ENV_FIELDS = {"SEQ_LEN": "seq_len", "DATA_PATH": "data_path", "OUTPUT_BASEPATH": "output_basepath",
-              "TRAIN_TOKENS": "train_tokens", "WARMUP_TOKENS": "warmup_tokens", "GLOBAL_BATCH_SIZE": "global_batch",
-              "EP_SIZE": "ep_size", "PRECISION": "precision", "LOAD": "load", "OFFLOAD": "offload"}
-# Fields set only through positional arguments or cluster discovery.
+# Settings only a positional argument sets.
 _NOT_FLAGS = {"mode"}
 
 
@@ -53,40 +52,66 @@ def _int(name: str, text: str, minimum: int = 1) -> int:
     return value
 
 
-def parse_positional(args: Sequence[str]) -> dict:
-    """The 11 positional arguments -> RunConfig fields (choices are checked by RunConfig)."""
-    a = dict(zip(POSITIONAL, args))
-    if a["MOE"].lower() == "none":
-        num_experts = 0
-    else:
-        num_experts = _int("MOE", a["MOE"])
-    if a["RT"] not in ("0", "1", "2"):
-        raise UsageError(f"RT: got {a['RT']!r}; allowed: 0 (top-1) | 1 (expert choice) | 2 (top-2)")
-    zero = a["ZERO"].lower()
+def _zero_stage(name: str, text: str) -> int:
+    zero = str(text).lower()
     if zero in ("3", "z3"):
-        zero_stage = 3  # RunConfig explains why it is refused
-    elif zero in ZERO_ALIASES:
-        zero_stage = ZERO_ALIASES[zero]
-    else:
-        raise UsageError(f"ZERO: got {a['ZERO']!r}; allowed: none | z1 | z2 | do | 0 | 1 | 2")
+        return 3  # RunConfig explains why it is refused
+    if zero not in ZERO_ALIASES:
+        raise UsageError(f"{name}: got {text!r}; allowed: none | z1 | z2 | do | 0 | 1 | 2")
+    return ZERO_ALIASES[zero]
+
+
+def _experts(name: str, text: str) -> int | list[int]:
+    """`none` (dense), a count, or one count per MoE layer (`4,8`)."""
+    if text.lower() == "none":
+        return 0
+    if "," in text:
+        return [_int(name, part.strip()) for part in text.split(",")]
+    return _int(name, text)
+
+
+def parse_positional(args: Sequence[str]) -> dict:
+    """The positional arguments -> settings (choices are checked by RunConfig and GPTMoEConfig)."""
+    a = dict(zip(POSITIONAL, args))
+    try:
+        router = RouterKind.from_rt(a["RT"])  # the one place the RT digit is read
+    except ConfigError as exc:
+        raise UsageError(f"RT: got {a['RT']!r}; allowed: {exc.allowed}") from None
     return dict(mode=a["MODE"], gpus_per_node=_int("GPUS_PER_NODE", a["GPUS_PER_NODE"]), tokenizer=a["TOKENIZER"],
-                model_size=a["MODEL_SIZE"], num_experts=num_experts, router_type=int(a["RT"]),
+                model_size=a["MODEL_SIZE"], num_experts=_experts("MOE", a["MOE"]), router_type=router,
                 micro_batch=_int("BATCH_SIZE", a["BATCH_SIZE"]), sp_size=_int("SP", a["SP"]), recompute=a["AC"],
-                zero_stage=zero_stage, save_interval=_int("SAVE_INTERVAL", a["SAVE_INTERVAL"]))
+                zero_stage=_zero_stage("ZERO", a["ZERO"]), save_interval=_int("SAVE_INTERVAL", a["SAVE_INTERVAL"]))
 
 
-def _field_types() -> dict[str, type]:
-    hints = typing.get_type_hints(RunConfig)
-    out = {}
-    for f in dataclasses.fields(RunConfig):
-        t = hints[f.name]
-        if isinstance(t, types.UnionType):  # `int | None` -> int
-            t = next(a for a in typing.get_args(t) if a is not type(None))
-        out[f.name] = t
-    return out
+def _plain(t):
+    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:  # `int | None` -> int
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        return args[0] if len(args) == 1 else t
+    return t
 
 
-def _convert(name: str, text: str, typ: type):
+def _setting_types() -> dict[str, object]:
+    """Every setting's type, run and model fields alike."""
+    hints = {**typing.get_type_hints(RunConfig), **typing.get_type_hints(GPTMoEConfig)}
+    return {name: _plain(hints[name]) for name in (*RUN_FIELDS, *MODEL_FIELDS)}
+
+
+SETTING_TYPES = _setting_types()
+# flag spelling (underscores) -> setting
+FLAGS = {**{MODEL_FLAG_NAMES.get(s, s): s for s in SETTING_TYPES if s not in _NOT_FLAGS}, **SETTING_ALIASES}
+
+
+def convert(setting: str, name: str, text: str):
+    """A setting's value from its text; `name` is how errors call it."""
+    if setting == "num_experts":
+        return _experts(name, text)
+    if setting == "zero_stage":
+        return _zero_stage(name, text)
+    typ = SETTING_TYPES[setting]
+    if typ is RouterKind:
+        if text not in ROUTER_ALLOWED.split(" | "):
+            raise UsageError(f"{name}: got {text!r}; allowed: {ROUTER_ALLOWED}")
+        return RouterKind(text)
     if typ is bool:
         low = text.lower()
         if low in ("1", "true", "yes", "on"):
@@ -107,9 +132,17 @@ def _convert(name: str, text: str, typ: type):
     return text
 
 
+def setting_for_flag(name: str) -> str:
+    """`hidden-size` -> hidden_size; an unknown name is a one-line error listing every flag."""
+    key = name.replace("-", "_")
+    if key not in FLAGS:
+        settable = sorted(flag_name(s) for s in SETTING_TYPES if s not in _NOT_FLAGS)
+        raise UsageError(f"flags: unknown --{name}; allowed: {', '.join(settable)}")
+    return FLAGS[key]
+
+
 def parse_flags(args: Sequence[str]) -> dict:
-    """`--name value`, `--name=value`, bare `--name` (true) and `--no-name` (false) -> RunConfig fields."""
-    types_ = _field_types()
+    """`--name value`, `--name=value`, bare `--name` (true) and `--no-name` (false) -> settings."""
     out: dict = {}
     i = 0
     while i < len(args):
@@ -118,35 +151,31 @@ def parse_flags(args: Sequence[str]) -> dict:
             raise UsageError(f"flags: got {arg!r}; allowed: --name value after the 11 positional arguments")
         name, eq, value = arg[2:].partition("=")
         key = name.replace("-", "_")
-        negated = key.startswith("no_") and key[3:] in types_ and types_[key[3:]] is bool
+        negated = (key.startswith("no_") and FLAGS.get(key[3:]) is not None
+                   and SETTING_TYPES[FLAGS[key[3:]]] is bool)
+        setting = setting_for_flag(name[3:] if negated else name)
+        typ = SETTING_TYPES[setting]
         if negated:
-            key = key[3:]
-        if key not in types_ or key in _NOT_FLAGS:
-            settable = sorted(k.replace("_", "-") for k in types_ if k not in _NOT_FLAGS)
-            raise UsageError(f"flags: unknown --{name}; allowed: {', '.join('--' + s for s in settable)}")
-        typ = types_[key]
-        if negated:
-            out[key] = False
+            out[setting] = False
         elif eq:
-            out[key] = _convert(f"--{name}", value, typ)
+            out[setting] = convert(setting, f"--{name}", value)
         elif typ is bool and (i + 1 == len(args) or args[i + 1].startswith("--")):
-            out[key] = True
+            out[setting] = True
         else:
             if i + 1 == len(args):
                 raise UsageError(f"--{name}: missing its value")
             i += 1
-            out[key] = _convert(f"--{name}", args[i], typ)
+            out[setting] = convert(setting, f"--{name}", args[i])
         i += 1
     return out
 
 
 def parse_env(env: Mapping[str, str]) -> dict:
-    types_ = _field_types()
     out = {}
-    for var, key in ENV_FIELDS.items():
+    for var, setting in ENVIRONMENT.items():
         text = env.get(var, "").strip()
         if text:
-            out[key] = _convert(var, text, types_[key])
+            out[setting] = convert(setting, var, text)
     return out
 
 
@@ -159,4 +188,5 @@ def build_run_config(argv: Sequence[str], env: Mapping[str, str]) -> RunConfig:
     settings.update(discover_cluster(env, hostfile=flags.get("hostfile")))
     settings.update(parse_env(env))
     settings.update(flags)
-    return RunConfig(**settings)
+    return RunConfig.from_settings(settings)
+

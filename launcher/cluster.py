@@ -15,8 +15,12 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from launcher.errors import UsageError
+
+if TYPE_CHECKING:
+    from launcher.config import RunConfig
 
 DEFAULT_PORT = 29500
 
@@ -97,7 +101,7 @@ def cpu_threads_per_process(procs_per_node: int) -> int:
     return max(1, (os.cpu_count() or 1) // procs_per_node)
 
 
-def launch_command(cfg, entry_args: list[str], module: str = "launcher.pretrain") -> tuple[list[str], dict[str, str]]:
+def launch_command(cfg: RunConfig, entry_args: list[str], module: str = "launcher.pretrain") -> tuple[list[str], dict[str, str]]:
     """(argv, extra environment) that start `python -m module *entry_args` on every process of this node."""
     env = {"MASTER_ADDR": cfg.master_addr, "MASTER_PORT": str(cfg.master_port),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(cpu_threads_per_process(cfg.gpus_per_node))}

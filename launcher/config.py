@@ -1,20 +1,29 @@
-"""RunConfig: everything one training run needs, from positional arguments, flags and environment.
+"""RunConfig: everything one training run needs, from positional arguments, flags, a run file and environment.
 
-Validated once in `__post_init__`; every error names the argument, the value given and what is allowed.
+Model settings are not declared here: `RunConfig.model` is the run's GPTMoEConfig, built from the size preset
+(MODEL_SIZE) with MOE, RT, AC, SEQ_LEN, EP_SIZE and any model flag (`--hidden-size`, `--router-jitter`, ...)
+on top, and validated by GPTMoEConfig itself. The flag of a model setting is its GPTMoEConfig field name,
+or Megatron-LM's name for it where there is one (`MODEL_FLAG_NAMES`).
+
+Validated once in `__post_init__`; every error names the setting as the user gives it (positional argument,
+environment variable or flag), the value given and what is allowed.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from launcher.errors import UsageError
 from launcher.files import write_json_atomic
 from launcher.presets import PRESETS, TRAIN_TOKENS, VOCAB_SIZE, WARMUP_TOKENS
-from model.config import RECOMPUTE, ROUTER_NAMES as ROUTERS, SIZES
+from model.config import FIELDS as MODEL_FIELDS
+from model.config import SIZES, ConfigError, GPTMoEConfig, check_known_keys, upgrade_legacy_fields
 
 MODES = ("run", "dryrun")
 TOKENIZERS = ("jiebabpe", "gpt2bpe")
@@ -24,23 +33,56 @@ OFFLOADS = ("none", "cpu")
 LR_DECAY = ("linear", "cosine", "constant")
 MIN_VOCAB = 257  # byte-level BPE: every byte, plus the end-of-document token
 
+# The launch script's positional arguments, in order, and the setting each one sets.
+POSITIONAL = {"MODE": "mode", "GPUS_PER_NODE": "gpus_per_node", "TOKENIZER": "tokenizer", "MODEL_SIZE": "model_size",
+              "MOE": "num_experts", "RT": "router_type", "BATCH_SIZE": "micro_batch", "SP": "sp_size",
+              "AC": "recompute", "ZERO": "zero_stage", "SAVE_INTERVAL": "save_interval"}
+# Environment variables the launch contract reads, and the setting each one sets.
+ENVIRONMENT = {"SEQ_LEN": "seq_len", "DATA_PATH": "data_path", "OUTPUT_BASEPATH": "output_basepath",
+               "TRAIN_TOKENS": "train_tokens", "WARMUP_TOKENS": "warmup_tokens", "GLOBAL_BATCH_SIZE": "global_batch",
+               "EP_SIZE": "ep_size", "PRECISION": "precision", "LOAD": "load", "OFFLOAD": "offload"}
+# Model settings whose flag is not the GPTMoEConfig field name: Megatron-LM's names.
+MODEL_FLAG_NAMES = {"num_heads": "num_attention_heads", "moe_layer_interval": "moe_interval",
+                    "init_std": "init_method_std", "layer_norm_eps": "layernorm_epsilon",
+                    "vocab_pad_multiple": "make_vocab_size_divisible_by"}
+# Other spellings accepted for a setting (Megatron's `--seq-length`).
+SETTING_ALIASES = {"seq_length": "seq_len"}
+
+
+def flag_name(setting: str) -> str:
+    """`--hidden-size` for hidden_size, `--num-attention-heads` for num_heads."""
+    return "--" + MODEL_FLAG_NAMES.get(setting, setting).replace("_", "-")
+
+
+_LABELS = {**{v: k for k, v in POSITIONAL.items()}, **{v: k for k, v in ENVIRONMENT.items()}}
+
+
+def label(setting: str) -> str:
+    """How messages name a setting: its positional argument or environment variable, else its flag."""
+    return _LABELS.get(setting) or flag_name(setting)
+
 
 def _fail(name: str, given, allowed: str) -> None:
     raise UsageError(f"{name}: got {given!r}; allowed: {allowed}")
 
 
+def _relabel(exc: ConfigError) -> UsageError:
+    """A GPTMoEConfig error in the launcher's words: settings named as the user gives them."""
+    names = re.compile(r"\b(" + "|".join(sorted(MODEL_FIELDS, key=len, reverse=True)) + r")\b")
+    allowed = names.sub(lambda m: label(m[1]), exc.allowed)
+    value = exc.value.value if hasattr(exc.value, "value") else exc.value
+    return UsageError(f"{label(exc.field)}: got {value!r}; allowed: {allowed}")
+
+
 @dataclass
 class RunConfig:
-    # --- the 11 positional arguments ---
+    # --- the positional arguments (MOE, RT and AC set the model's num_experts, router_type, recompute) ---
     mode: str = "dryrun"
     gpus_per_node: int = 1
     tokenizer: str = "gpt2bpe"
     model_size: str = "nano"
-    num_experts: int = 0  # 0 = dense (MOE=none)
-    router_type: int = 0
     micro_batch: int = 1
     sp_size: int = 1
-    recompute: str = "none"
     zero_stage: int = 0
     save_interval: int = 1000
 
@@ -52,13 +94,11 @@ class RunConfig:
     hostfile: str | None = None
 
     # --- environment overrides; None = default from the size table ---
-    seq_len: int | None = None
     data_path: str | None = None  # None: the embedded stdlib corpus, built on first use
     output_basepath: str = "runs"
     train_tokens: int | None = None
     warmup_tokens: int | None = None
     global_batch: int | None = None  # sequences
-    ep_size: int | None = None
     precision: str | None = None
     load: str | None = None
     offload: str = "none"
@@ -76,27 +116,31 @@ class RunConfig:
     log_interval: int = 10
     eval_interval: int = 100
     eval_iters: int = 10
-    vocab_size: int | None = None  # tokenizer to train when none exists yet
     tokenizer_path: str | None = None
-    moe_interval: int = 2
-    capacity_factor: float = 1.0
-    eval_capacity_factor: float = 1.0
-    min_capacity: int = 4
-    drop_tokens: bool = True
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0
-    use_residual: bool = False  # PR-MoE
-    dropout: float = 0.0
     run_name: str | None = None
     device: str | None = None  # cuda | cpu; None = cuda when available
     device_memory_gib: float | None = None  # for dryrun's fit check; None = read from the device
 
+    # --- the model: GPTMoEConfig fields set for this run (a dict) over the MODEL_SIZE preset; the resolved
+    # GPTMoEConfig after __post_init__. Defaults from the run: seq_len and vocab_size from the size table,
+    # ep_size = min(experts, world size) (the largest common divisor). vocab_size is also the size of a
+    # tokenizer trained for the run; the model trained gets the tokenizer's actual size (`model_config`).
+    model: GPTMoEConfig | dict = field(default_factory=dict)
+
     def __post_init__(self) -> None:
         self._check_choices()
+        self.model = self._resolve_model()
         self._fill_defaults()
         self._check_counts()
         self._check_parallelism()
         self._check_batch()
+
+    @classmethod
+    def from_settings(cls, settings: Mapping) -> RunConfig:
+        """Flat settings, run and model alike (`{"lr": 3e-4, "hidden_size": 1024, ...}`) -> RunConfig."""
+        check_known_keys(settings, RUN_FIELDS + MODEL_FIELDS, "settings", UsageError)
+        model = {k: v for k, v in settings.items() if k in MODEL_FIELDS}
+        return cls(**{k: v for k, v in settings.items() if k not in MODEL_FIELDS}, model=model)
 
     # ---------------- validation ----------------
     def _check_choices(self) -> None:
@@ -106,10 +150,6 @@ class RunConfig:
             _fail("TOKENIZER", self.tokenizer, " | ".join(TOKENIZERS))
         if self.model_size not in SIZES or self.model_size not in PRESETS:
             _fail("MODEL_SIZE", self.model_size, " | ".join(SIZES))
-        if self.router_type not in ROUTERS:
-            _fail("RT", self.router_type, "0 (top-1) | 1 (expert choice) | 2 (top-2)")
-        if self.recompute not in RECOMPUTE:
-            _fail("AC", self.recompute, " | ".join(RECOMPUTE))
         if self.zero_stage == 3:
             raise UsageError("ZERO: stage 3 is not supported with MoE (DeepSpeed refuses native MoE under "
                              "ZeRO-3); use z2 (optionally with OFFLOAD=cpu) instead")
@@ -126,49 +166,69 @@ class RunConfig:
         if self.device is not None and self.device not in ("cuda", "cpu"):
             _fail("--device", self.device, "cuda | cpu")
 
+    def _resolve_model(self) -> GPTMoEConfig:
+        """The size preset, the run's defaults, then the model settings given; validated by GPTMoEConfig."""
+        if isinstance(self.model, GPTMoEConfig):
+            return self.model
+        preset = PRESETS[self.model_size]
+        settings = {"seq_len": preset.seq_len, "vocab_size": preset.vocab_size or VOCAB_SIZE[self.tokenizer],
+                    **self.model}
+        if "ep_size" not in settings:
+            # EP must divide every expert count and the world size; for the usual powers of two this is
+            # min(experts, world size), the contract's default.
+            counts = settings.get("num_experts", 0)
+            counts = counts if isinstance(counts, list) else [counts]
+            if all(isinstance(n, int) and n > 0 for n in counts):
+                settings["ep_size"] = math.gcd(self.world_size, *counts)
+        try:
+            return GPTMoEConfig.from_size(self.model_size, **settings)
+        except ConfigError as exc:
+            raise _relabel(exc) from None
+
     def _fill_defaults(self) -> None:
         preset = PRESETS[self.model_size]
-        if self.seq_len is None:
-            self.seq_len = preset.seq_len
-        lr, min_lr = preset.lrs(moe=self.num_experts > 0)
+        seq_len = self.model.seq_len
+        lr, min_lr = preset.lrs(moe=self.model.is_moe)
         if self.lr is None:
             self.lr = lr
         if self.min_lr is None:
             self.min_lr = min(min_lr, self.lr)
         if self.global_batch is None:
-            self.global_batch = max(1, preset.global_batch_tokens // self.seq_len)
+            self.global_batch = max(1, preset.global_batch_tokens // seq_len)
         if self.train_tokens is None:
             self.train_tokens = preset.train_tokens or TRAIN_TOKENS[self.tokenizer]
         if self.warmup_tokens is None:
             self.warmup_tokens = preset.warmup_tokens or WARMUP_TOKENS[self.tokenizer]
-        if self.vocab_size is None:
-            self.vocab_size = preset.vocab_size or VOCAB_SIZE[self.tokenizer]
         if self.device is None:
             self.device = "cuda" if _cuda_available() else "cpu"
         if self.precision is None:
             self.precision = "bf16" if self.device == "cuda" and _cuda_bf16() else "fp32"
-        if self.ep_size is None:
-            # EP must divide both the expert count and the world size; for the usual powers of two
-            # this is min(experts, world size), the contract's default.
-            self.ep_size = math.gcd(self.num_experts, self.world_size) if self.num_experts else 1
         if self.run_name is None:
-            moe = f"moe{self.num_experts}-rt{self.router_type}" if self.num_experts else "dense"
-            self.run_name = (f"gpt-{self.model_size}-{moe}-{self.tokenizer}-mb{self.micro_batch}-gb{self.global_batch}"
-                             f"-seq{self.seq_len}-sp{self.sp_size}-ep{self.ep_size}-ac{self.recompute}"
-                             f"-z{self.zero_stage}-{self.precision}")
+            self.run_name = self.default_run_name()
+
+    def shape_changes(self) -> dict[str, int]:
+        """The shape settings in which the model differs from its MODEL_SIZE preset (ffn: from 4 x hidden)."""
+        m = self.model
+        preset = dict(zip(("num_layers", "hidden_size", "num_heads"), SIZES[self.model_size]))
+        preset["ffn_hidden_size"] = 4 * m.hidden_size
+        return {k: getattr(m, k) for k, v in preset.items() if getattr(m, k) != v}
+
+    def default_run_name(self) -> str:
+        m = self.model
+        shape = "".join(f"-{_SHAPE_TAGS[k]}{v}" for k, v in self.shape_changes().items())
+        experts = m.num_experts if isinstance(m.num_experts, int) else "-".join(map(str, m.num_experts))
+        moe = f"moe{experts}-{m.router_type.value}" if m.is_moe else "dense"
+        return (f"gpt-{self.model_size}{shape}-{moe}-{self.tokenizer}-mb{self.micro_batch}-gb{self.global_batch}"
+                f"-seq{m.seq_len}-sp{self.sp_size}-ep{m.ep_size}-ac{m.recompute}-z{self.zero_stage}-{self.precision}")
 
     def _check_counts(self) -> None:
         positive = {"GPUS_PER_NODE": self.gpus_per_node, "BATCH_SIZE": self.micro_batch, "SP": self.sp_size,
-                    "SAVE_INTERVAL": self.save_interval, "SEQ_LEN": self.seq_len, "GLOBAL_BATCH_SIZE": self.global_batch,
-                    "TRAIN_TOKENS": self.train_tokens, "EP_SIZE": self.ep_size, "WORLD_SIZE (nodes)": self.num_nodes,
-                    "--log-interval": self.log_interval, "--eval-interval": self.eval_interval,
-                    "--vocab-size": self.vocab_size, "--moe-interval": self.moe_interval,
-                    "--min-capacity": self.min_capacity}
+                    "SAVE_INTERVAL": self.save_interval, "GLOBAL_BATCH_SIZE": self.global_batch,
+                    "TRAIN_TOKENS": self.train_tokens, "WORLD_SIZE (nodes)": self.num_nodes,
+                    "--log-interval": self.log_interval, "--eval-interval": self.eval_interval}
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 _fail(name, value, "an integer >= 1")
-        if self.num_experts < 0:
-            _fail("MOE", self.num_experts, "none | an expert count >= 1")
         if self.warmup_tokens < 0 or self.eval_iters < 0:
             _fail("WARMUP_TOKENS" if self.warmup_tokens < 0 else "--eval-iters",
                   min(self.warmup_tokens, self.eval_iters), "an integer >= 0")
@@ -178,12 +238,6 @@ class RunConfig:
             _fail("MASTER_PORT", self.master_port, "1..65535")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise UsageError(f"--lr/--min-lr: got {self.lr}/{self.min_lr}; allowed: lr > 0 and 0 <= min lr <= lr")
-        for name, value in (("--capacity-factor", self.capacity_factor),
-                            ("--eval-capacity-factor", self.eval_capacity_factor)):
-            if not value > 0:
-                _fail(name, value, "a number > 0")
-        if not 0 <= self.dropout < 1:
-            _fail("--dropout", self.dropout, "0 <= dropout < 1")
         for name, value in (("--adam-beta1", self.adam_beta1), ("--adam-beta2", self.adam_beta2)):
             if not 0 <= value < 1:
                 _fail(name, value, "0 <= beta < 1")
@@ -192,30 +246,23 @@ class RunConfig:
                 _fail(name, value, "a number >= 0 (0 = off)")
         if self.device_memory_gib is not None and not self.device_memory_gib > 0:
             _fail("--device-memory-gib", self.device_memory_gib, "a number > 0")
-        if self.vocab_size < MIN_VOCAB:
-            _fail("--vocab-size", self.vocab_size, f"at least {MIN_VOCAB} (256 bytes + end of document)")
+        if self.model.vocab_size < MIN_VOCAB:
+            _fail("--vocab-size", self.model.vocab_size, f"at least {MIN_VOCAB} (256 bytes + end of document)")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", self.run_name):
             _fail("--run-name", self.run_name, "letters, digits and . _ + - (a folder name under OUTPUT_BASEPATH)")
 
     def _check_parallelism(self) -> None:
-        heads = SIZES[self.model_size][2]
-        if self.num_experts and self.num_experts % self.ep_size:
-            raise UsageError(f"EP_SIZE: got {self.ep_size}; allowed: a divisor of the expert count MOE={self.num_experts}")
-        if self.world_size % self.ep_size:
-            raise UsageError(f"EP_SIZE: got {self.ep_size}; allowed: a divisor of the world size "
-                             f"{self.world_size} (= {self.num_nodes} nodes x {self.gpus_per_node} processes)")
-        if not self.num_experts and self.ep_size != 1:
-            raise UsageError(f"EP_SIZE: got {self.ep_size}; allowed: 1 for a dense model (MOE=none)")
+        m = self.model
+        nodes = f"(= {self.num_nodes} nodes x {self.gpus_per_node} processes)"
+        if self.world_size % m.ep_size:
+            raise UsageError(f"EP_SIZE: got {m.ep_size}; allowed: a divisor of the world size {self.world_size} {nodes}")
         if self.world_size % self.sp_size:
-            raise UsageError(f"SP: got {self.sp_size}; allowed: a divisor of the world size {self.world_size} "
-                             f"(= {self.num_nodes} nodes x {self.gpus_per_node} processes)")
-        if heads % self.sp_size:
-            raise UsageError(f"SP: got {self.sp_size}; allowed: a divisor of the head count {heads} of {self.model_size}")
-        if self.seq_len % self.sp_size:
-            raise UsageError(f"SP: got {self.sp_size}; allowed: a divisor of SEQ_LEN={self.seq_len}")
-        if self.num_experts and self.num_layers < self.moe_interval:
-            raise UsageError(f"--moe-interval: got {self.moe_interval}; allowed: at most the layer count "
-                             f"{self.num_layers} of {self.model_size}")
+            raise UsageError(f"SP: got {self.sp_size}; allowed: a divisor of the world size {self.world_size} {nodes}")
+        if m.num_heads % self.sp_size:
+            raise UsageError(f"SP: got {self.sp_size}; allowed: a divisor of the head count {m.num_heads} "
+                             f"(--num-attention-heads)")
+        if m.seq_len % self.sp_size:
+            raise UsageError(f"SP: got {self.sp_size}; allowed: a divisor of SEQ_LEN={m.seq_len}")
 
     def _check_batch(self) -> None:
         per_step = self.micro_batch * self.dp_size
@@ -225,7 +272,7 @@ class RunConfig:
                 f"data-parallel size = {self.micro_batch} x {self.dp_size} = {per_step}")
         if self.train_iters < 1:
             raise UsageError(f"TRAIN_TOKENS: got {self.train_tokens}; allowed: at least one global batch "
-                             f"({self.global_batch} x {self.seq_len} = {self.tokens_per_iter} tokens)")
+                             f"({self.global_batch} x {self.model.seq_len} = {self.tokens_per_iter} tokens)")
 
     # ---------------- derived ----------------
     @property
@@ -243,7 +290,7 @@ class RunConfig:
 
     @property
     def tokens_per_iter(self) -> int:
-        return self.global_batch * self.seq_len
+        return self.global_batch * self.model.seq_len
 
     @property
     def train_iters(self) -> int:
@@ -252,10 +299,6 @@ class RunConfig:
     @property
     def warmup_iters(self) -> int:
         return min(self.train_iters, math.ceil(self.warmup_tokens / self.tokens_per_iter))
-
-    @property
-    def num_layers(self) -> int:
-        return SIZES[self.model_size][0]
 
     @property
     def run_dir(self) -> Path:
@@ -269,7 +312,7 @@ class RunConfig:
     def default_data_dir(self) -> Path:
         """The embedded corpus (the Python standard library's sources), tokenized for this run's tokenizer."""
         # The folder build_stdlib_corpus(OUTPUT_BASEPATH/data, ...) creates for this tokenizer and vocab.
-        return Path(self.output_basepath) / "data" / f"stdlib-{self.tokenizer}-{self.vocab_size}"
+        return Path(self.output_basepath) / "data" / f"stdlib-{self.tokenizer}-{self.model.vocab_size}"
 
     @property
     def resolved_tokenizer_path(self) -> str:
@@ -280,34 +323,50 @@ class RunConfig:
             return str(Path(self.data_path.split()[-1]).parent / "tokenizer")
         return str(self.default_data_dir / "tokenizer")
 
-    def model_config(self, vocab_size: int | None = None):
-        """The GPTMoEConfig this run trains."""
-        from model.config import GPTMoEConfig
-
-        return GPTMoEConfig.from_size(
-            self.model_size, vocab_size=vocab_size or self.vocab_size, seq_len=self.seq_len,
-            num_experts=self.num_experts, router_type=self.router_type, moe_layer_interval=self.moe_interval,
-            capacity_factor=self.capacity_factor, eval_capacity_factor=self.eval_capacity_factor,
-            min_capacity=self.min_capacity, drop_tokens=self.drop_tokens, aux_loss_coef=self.aux_loss_coef,
-            z_loss_coef=self.z_loss_coef, use_residual=self.use_residual, ep_size=self.ep_size,
-            recompute=self.recompute, dropout=self.dropout)
+    def model_config(self, vocab_size: int | None = None) -> GPTMoEConfig:
+        """The GPTMoEConfig this run trains; `vocab_size`: the tokenizer's, where it differs from the setting."""
+        if vocab_size is None or vocab_size == self.model.vocab_size:
+            return self.model
+        try:
+            return dataclasses.replace(self.model, vocab_size=vocab_size)
+        except ConfigError as exc:
+            raise _relabel(exc) from None
 
     # ---------------- persistence ----------------
+    def settings(self) -> dict:
+        """Every setting, flat (run and model fields side by side), the router kind by name."""
+        run = {f: getattr(self, f) for f in RUN_FIELDS}
+        return {**run, **self.model.to_dict()}
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**{f: getattr(self, f) for f in RUN_FIELDS}, "model": self.model.to_dict()}
 
     def save(self, path: str | os.PathLike) -> None:
         write_json_atomic(self.to_dict(), path)
 
     @classmethod
-    def read(cls, path: str | os.PathLike) -> "RunConfig":
-        """The RunConfig a launcher saved (`run_config.json`). (Not `load`: that is the LOAD setting.)"""
+    def read(cls, path: str | os.PathLike) -> RunConfig:
+        """The RunConfig a launcher saved (`run_config.json`). (Not `load`: that is the LOAD setting.)
+        Files written before the model settings were nested (flat, `router_type` a digit) read too."""
         data = json.loads(Path(path).read_text())
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise UsageError(f"{path}: unknown run settings {sorted(unknown)}")
-        return cls(**data)
+        try:
+            if "model" not in data:
+                flat = upgrade_legacy_fields(data)
+                return cls.from_settings({_FLAT_RUN_CONFIG.get(k, k): v for k, v in flat.items()})
+            check_known_keys(data, (*RUN_FIELDS, "model"), str(path), UsageError)
+            return cls(**{**data, "model": GPTMoEConfig.from_dict(data["model"])})
+        except ConfigError as exc:
+            raise _relabel(exc) from None
+        except UsageError:
+            raise
+        except ValueError as exc:  # unknown model fields
+            raise UsageError(f"{path}: {exc}") from None
+
+
+_SHAPE_TAGS = {"num_layers": "L", "hidden_size": "h", "num_heads": "a", "ffn_hidden_size": "f"}
+RUN_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RunConfig) if f.name != "model")
+# run_config.json before the model settings were nested: the field names that differed.
+_FLAT_RUN_CONFIG = {"moe_interval": "moe_layer_interval"}
 
 
 def _cuda_available() -> bool:

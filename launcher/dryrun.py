@@ -1,8 +1,9 @@
 """The resolved-settings block that `dryrun` prints (and `run` prints before it starts)."""
 from __future__ import annotations
 
-from launcher.config import ROUTERS
+from launcher.config import RunConfig, flag_name
 from launcher.memory import GIB, estimate_memory
+from model.config import GPTMoEConfig
 
 
 def _count(n: float) -> str:
@@ -16,35 +17,45 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
-def summary(cfg, mcfg, ds_path: str, command: str) -> str:
-    """cfg: RunConfig; mcfg: its GPTMoEConfig; ds_path: the written DeepSpeed JSON; command: the launch line."""
+def _shape(cfg: RunConfig) -> str:
+    """`nano` or `nano with --hidden-size 128 --num-layers 4`: the size preset and what the run changed in it."""
+    changed = " ".join(f"{flag_name(k)} {v}" for k, v in cfg.shape_changes().items())
+    return cfg.model_size + (f" with {changed}" if changed else "")
+
+
+def summary(cfg: RunConfig, mcfg: GPTMoEConfig, ds_path: str, command: str) -> str:
+    """mcfg: the GPTMoEConfig trained (the tokenizer's vocabulary); ds_path: the written DeepSpeed JSON;
+    command: the launch line."""
     counts = mcfg.param_counts()
     moe_layers = mcfg.moe_layer_indices()
     lines = [f"run          {cfg.run_name}  ({cfg.mode})",
-             f"model        {cfg.model_size}: {mcfg.num_layers} layers, hidden {mcfg.hidden_size}, "
-             f"{mcfg.num_heads} heads, ffn {mcfg.ffn_hidden_size}, seq {cfg.seq_len}, vocab {mcfg.vocab_size}"]
-    if cfg.num_experts:
+             f"model        {_shape(cfg)}: {mcfg.num_layers} layers, hidden {mcfg.hidden_size}, "
+             f"{mcfg.num_heads} heads, ffn {mcfg.ffn_hidden_size}, seq {mcfg.seq_len}, vocab {mcfg.vocab_size}"]
+    if mcfg.is_moe:
+        per_layer = mcfg.num_experts if isinstance(mcfg.num_experts, int) else "/".join(map(str, mcfg.num_experts))
+        ec = (f", {mcfg.expert_choice_k:g} expert(s) per token before the capacity factor"
+              if mcfg.router_type.top_k is None else "")
         lines.append(
-            f"  experts    {cfg.num_experts} per MoE layer on {len(moe_layers)} of {mcfg.num_layers} layers "
-            f"({', '.join(map(str, moe_layers))}), router {cfg.router_type} = {ROUTERS[cfg.router_type]}, "
-            f"capacity factor {cfg.capacity_factor:g} train / {cfg.eval_capacity_factor:g} eval, "
-            f"min capacity {cfg.min_capacity}, token dropping {'on' if cfg.drop_tokens else 'off'}, "
-            f"aux loss coef {cfg.aux_loss_coef:g}" + (", residual (PR-MoE)" if cfg.use_residual else ""))
+            f"  experts    {per_layer} per MoE layer on {len(moe_layers)} of {mcfg.num_layers} layers "
+            f"({', '.join(map(str, moe_layers))}), router {mcfg.router_type.value} = {mcfg.router_type.label}{ec}, "
+            f"capacity factor {mcfg.capacity_factor:g} train / {mcfg.eval_capacity_factor:g} eval, "
+            f"min capacity {mcfg.min_capacity}, token dropping {'on' if mcfg.drop_tokens else 'off'}, "
+            f"aux loss coef {mcfg.aux_loss_coef:g}" + (", residual (PR-MoE)" if mcfg.use_residual else ""))
     else:
         lines.append("  experts    none (dense)")
     lines.append(f"  params     total {_count(counts['total'])} ({counts['total']:,}), active per token "
                  f"{_count(counts['active'])} ({counts['active']:,}), experts {_count(counts['expert'])}")
     lines += [
         f"parallelism  world {cfg.world_size} = {cfg.num_nodes} node(s) x {cfg.gpus_per_node} process(es) "
-        f"[{cfg.device}]; data-parallel {cfg.dp_size}, expert-parallel {cfg.ep_size}, "
+        f"[{cfg.device}]; data-parallel {cfg.dp_size}, expert-parallel {mcfg.ep_size}, "
         f"sequence-parallel {cfg.sp_size}",
         f"batch        micro {cfg.micro_batch}, accumulation {cfg.grad_accum}, global {cfg.global_batch} sequences "
-        f"x {cfg.seq_len} = {cfg.tokens_per_iter:,} tokens",
+        f"x {mcfg.seq_len} = {cfg.tokens_per_iter:,} tokens",
         f"schedule     {cfg.train_iters:,} iterations ({_count(cfg.train_tokens)} tokens), warm-up "
         f"{cfg.warmup_iters:,} iterations, lr {cfg.lr:g} -> {cfg.min_lr:g} {cfg.lr_decay}, seed {cfg.seed}",
         f"precision    {cfg.precision}",
         f"zero         stage {cfg.zero_stage}" + (", optimizer offloaded to CPU" if cfg.offload == "cpu" else ""),
-        f"recompute    {cfg.recompute}",
+        f"recompute    {mcfg.recompute}",
         f"checkpoints  every {cfg.save_interval:,} iterations -> {cfg.run_dir / 'checkpoints'}"
         + (f"; resume from {cfg.load}" if cfg.load else ""),
         f"paths        data {cfg.resolved_data_path} (split {cfg.split}); tokenizer {cfg.resolved_tokenizer_path}",

@@ -1,10 +1,15 @@
 """RunConfig -> DeepSpeed JSON, checked with DeepSpeed's own parser."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from launcher.errors import UsageError
 
+if TYPE_CHECKING:
+    from launcher.config import RunConfig
 
-def build_ds_config(cfg) -> dict:
+
+def build_ds_config(cfg: RunConfig) -> dict:
     ds: dict = {
         "train_batch_size": cfg.global_batch,
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
@@ -20,14 +25,14 @@ def build_ds_config(cfg) -> dict:
     elif cfg.precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                       "hysteresis": 2, "min_loss_scale": 1}
-    if cfg.recompute == "full":
+    if cfg.model.recompute == "full":
         ds["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False,
-                                          "cpu_checkpointing": False, "number_checkpoints": cfg.num_layers,
+                                          "cpu_checkpointing": False, "number_checkpoints": cfg.model.num_layers,
                                           "synchronize_checkpoint_boundary": False, "profile": False}
     return ds
 
 
-def _zero(cfg) -> dict:
+def _zero(cfg: RunConfig) -> dict:
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.zero_stage > 0:
         zero.update(contiguous_gradients=True, overlap_comm=cfg.device == "cuda",

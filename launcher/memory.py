@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from launcher.config import RunConfig
+    from model.config import GPTMoEConfig
 
 GIB = 1024**3
 
@@ -39,7 +44,7 @@ class MemoryEstimate:
         return self.total <= self.device_total
 
 
-def device_memory(cfg) -> tuple[float, str]:
+def device_memory(cfg: RunConfig) -> tuple[float, str]:
     """Bytes available to one process, and a name for the device."""
     if cfg.device_memory_gib:
         return cfg.device_memory_gib * GIB, f"{cfg.device_memory_gib:g} GiB (--device-memory-gib)"
@@ -56,16 +61,16 @@ def device_memory(cfg) -> tuple[float, str]:
     return total / cfg.gpus_per_node, f"host memory / {cfg.gpus_per_node} processes"
 
 
-def estimate_memory(cfg, mcfg) -> MemoryEstimate:
+def estimate_memory(cfg: RunConfig, mcfg: GPTMoEConfig) -> MemoryEstimate:
     """cfg: RunConfig; mcfg: the GPTMoEConfig it trains."""
     counts = mcfg.param_counts()
     half = cfg.precision in ("bf16", "fp16")
     expert = counts["expert"]
     dense = counts["total"] - expert
-    local = dense + expert / cfg.ep_size
+    local = dense + expert / cfg.model.ep_size
     # Partitioned over: dense params -> world; each local expert param -> world / EP ranks that share it.
-    edp = cfg.world_size // cfg.ep_size
-    partitioned = dense / cfg.world_size + expert / cfg.ep_size / edp
+    edp = cfg.world_size // cfg.model.ep_size
+    partitioned = dense / cfg.world_size + expert / cfg.model.ep_size / edp
 
     weights = local * (2 if half else 4)
     grad_bytes = 2 if half else 4
@@ -85,13 +90,13 @@ def estimate_memory(cfg, mcfg) -> MemoryEstimate:
     return MemoryEstimate(weights, gradients, optimizer, activations, overhead, host, total, name)
 
 
-def _activations(cfg, mcfg) -> float:
+def _activations(cfg: RunConfig, mcfg: GPTMoEConfig) -> float:
     layers, h, a = mcfg.num_layers, mcfg.hidden_size, mcfg.num_heads
-    s, b = cfg.seq_len // cfg.sp_size, cfg.micro_batch
+    s, b = cfg.model.seq_len // cfg.sp_size, cfg.micro_batch
     scale = 1.0 if cfg.precision in ("bf16", "fp16") else 2.0  # the formula counts 2-byte activations
     # The attention scores: never kept by flash attention (GPU); on CPU dropped by selective recompute, but
     # rebuilt, one layer at a time, under full recompute.
-    scores = 0.0 if (cfg.device == "cuda" or cfg.recompute == "sel") else 5 * a * s * s * b
+    scores = 0.0 if (cfg.device == "cuda" or cfg.model.recompute == "sel") else 5 * a * s * s * b
     moe_layers = set(mcfg.moe_layer_indices())
 
     def layer(moe: bool) -> float:
@@ -99,7 +104,7 @@ def _activations(cfg, mcfg) -> float:
         return ((15 + mlp) * s * b * h + scores) * scale
 
     per_layer = [layer(i in moe_layers) for i in range(layers)]
-    if cfg.recompute == "full":
+    if cfg.model.recompute == "full":
         # Only each layer's input is kept; one layer is rebuilt at a time during backward.
         body = layers * 2 * s * b * h * scale + max(per_layer)
     else:

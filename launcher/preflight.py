@@ -5,10 +5,16 @@ allocation and, behind torchrun, a page of tracebacks instead of one line.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from launcher.errors import UsageError
 
+if TYPE_CHECKING:
+    from launcher.config import RunConfig
+    from model.config import GPTMoEConfig
 
-def check_inputs(cfg) -> None:
+
+def check_inputs(cfg: RunConfig) -> None:
     """Raise UsageError naming the first bad input: split, data, tokenizer, LOAD."""
     from launcher.data.gpt_dataset import parse_blend, parse_split
 
@@ -24,23 +30,22 @@ def check_inputs(cfg) -> None:
     check_resumable(cfg)
 
 
-def check_resumable(cfg, run_mcfg=None) -> None:
+def check_resumable(cfg: RunConfig, run_mcfg: GPTMoEConfig | None = None) -> None:
     """The checkpoint the run will resume from (LOAD, else the run folder's newest), checked as the workers
     would before loading it: readable, complete, data only, the same model shape and a loadable layout.
     `run_mcfg`: the run's GPTMoEConfig; None = built here from the run's tokenizer, when it exists already."""
-    from launcher.training.checkpoint import LATEST, TRAINER_STATE, find_checkpoint, verify_checkpoint
+    from launcher.training.checkpoint import find_checkpoint, missing_load, verify_checkpoint
 
     source = cfg.load or cfg.run_dir / "checkpoints"
     found = find_checkpoint(source)
     if found is None:
         if cfg.load:
-            raise UsageError(f"LOAD: got {cfg.load!r}; allowed: a run folder, a checkpoints folder with a "
-                             f"'{LATEST}' file, or a tag folder with {TRAINER_STATE} (a complete checkpoint)")
+            raise UsageError(missing_load(cfg.load))
         return
     verify_checkpoint(cfg, *found, run_mcfg=run_mcfg or _run_model_config(cfg))
 
 
-def _run_model_config(cfg):
+def _run_model_config(cfg: RunConfig) -> GPTMoEConfig | None:
     """The run's model with its tokenizer's vocabulary; None while the tokenizer is still to be trained."""
     from pathlib import Path
 

@@ -7,7 +7,9 @@ launcher's dryrun can report a 13B model on a laptop.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
+from enum import Enum
 
 # name -> (layers, hidden, heads). The eight public GPT sizes, plus two CPU sizes:
 # `nano` for tests (seconds) and `tiny` for the demo (minutes).
@@ -24,13 +26,75 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (4, 128, 4),
 }
 
-ROUTER_TOP1, ROUTER_EXPERT_CHOICE, ROUTER_TOP2 = 0, 1, 2
-ROUTER_NAMES = {ROUTER_TOP1: "top-1 (Switch)", ROUTER_EXPERT_CHOICE: "expert choice", ROUTER_TOP2: "top-2 (GShard)"}
 RECOMPUTE = ("none", "sel", "full")
 
 
+class RouterKind(str, Enum):
+    """Which router an MoE layer uses. Stored by name (`"top2"`) in configs and files."""
+
+    TOP1 = "top1"  # Switch: one expert per token, balancing loss
+    EXPERT_CHOICE = "expert_choice"  # each expert takes its top-C tokens; no balancing loss
+    TOP2 = "top2"  # GShard: two experts per token, weights renormalised, balancing loss
+
+    def __str__(self) -> str:  # "top2" in messages and f-strings, on every Python version
+        return self.value
+
+    @property
+    def label(self) -> str:
+        return {"top1": "top-1 (Switch)", "expert_choice": "expert choice", "top2": "top-2 (GShard)"}[self.value]
+
+    @property
+    def top_k(self) -> int | None:
+        """Experts each token picks (token-choice routers); None for expert choice."""
+        return {"top1": 1, "top2": 2}.get(self.value)
+
+    @classmethod
+    def from_rt(cls, digit) -> "RouterKind":
+        """The tutorial's RT digit (the launch script's 6th argument; files written before router names
+        stored it too): 0 top-1, 1 expert choice, 2 top-2."""
+        kinds = {"0": cls.TOP1, "1": cls.EXPERT_CHOICE, "2": cls.TOP2}
+        if str(digit) not in kinds or isinstance(digit, bool):
+            raise ConfigError("router_type", digit, RT_ALLOWED)
+        return kinds[str(digit)]
+
+
+RT_ALLOWED = "0 (top-1) | 1 (expert choice) | 2 (top-2)"
+ROUTER_ALLOWED = " | ".join(kind.value for kind in RouterKind)
+
+
+class ConfigError(ValueError):
+    """A bad GPTMoEConfig value. `field`, `value` and `allowed` stay available to callers that name the
+    setting their own way (the launcher names it by its flag or positional argument)."""
+
+    def __init__(self, field: str, value, allowed: str):
+        super().__init__(f"GPTMoEConfig.{field}: got {value!r}; allowed: {allowed}")
+        self.field, self.value, self.allowed = field, value, allowed
+
+
 def _fail(name: str, value, allowed: str):
-    raise ValueError(f"GPTMoEConfig.{name}: got {value!r}; allowed: {allowed}")
+    raise ConfigError(name, value, allowed)
+
+
+def check_known_keys(data: Iterable[str], known: Iterable[str], where: str, error: type = ValueError) -> None:
+    """Refuse keys that are not settings, in one line naming them and what is allowed."""
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise error(f"{where}: unknown fields {unknown}; allowed: {sorted(known)}")
+
+
+def upgrade_legacy_fields(data: dict) -> dict:
+    """Settings as files written before router names hold them: `router_type` a digit (0 top-1, 1 expert
+    choice, 2 top-2) and `top_k` (`moe_top_k` in Hugging Face configs), which only expert choice reads."""
+    data = dict(data)
+    router = data.get("router_type")
+    if isinstance(router, int) and not isinstance(router, bool):
+        data["router_type"] = router = RouterKind.from_rt(router)
+    for old in ("top_k", "moe_top_k"):
+        if old in data:
+            k = data.pop(old)
+            if router in (RouterKind.EXPERT_CHOICE, RouterKind.EXPERT_CHOICE.value) and k is not None:
+                data.setdefault("expert_choice_k", k)
+    return data
 
 
 def _is_int(v) -> bool:
@@ -45,15 +109,16 @@ def _is_num(v) -> bool:
 class GPTMoEConfig:
     """A GPT decoder whose every `moe_layer_interval`-th feed-forward layer is a Mixture of Experts.
 
-    Routers (`router_type`):
-      0  top-1 (Switch): one expert per token, capacity-limited in training, balancing loss.
-      1  expert choice: each expert takes its top-C tokens; a token visits `top_k * capacity_factor`
-         experts on average (the EC paper's capacity factor c). Causal at inference: see model/moe/router.py.
-      2  top-2 (GShard): two experts per token, weights renormalised, balancing loss.
+    Routers (`router_type`, a RouterKind or its name):
+      top1           Switch: one expert per token, capacity-limited in training, balancing loss.
+      expert_choice  each expert takes its top-C tokens; a token visits `expert_choice_k * capacity_factor`
+                     experts on average (the EC paper's capacity factor c). Causal at inference: see
+                     model/moe/router.py.
+      top2           GShard: two experts per token, weights renormalised, balancing loss.
 
-    `top_k` is derived for routers 0 and 2 (1 and 2); for expert choice it is the average number of experts
-    a token visits before `capacity_factor` scales it (default 1, so the published capacity factor 1.0
-    means one expert per token on average, the same active size as top-1).
+    `expert_choice_k` is read by expert choice only: the average number of experts a token visits before
+    `capacity_factor` scales it (default 1, so the published capacity factor 1.0 means one expert per token
+    on average, the same active size as top-1).
 
     Evaluation and generation never drop a token: routing is dropless in eval mode whatever `drop_tokens`
     says, so a prompt's logits do not depend on the rest of the batch. `eval_capacity_factor` only sets a
@@ -69,8 +134,8 @@ class GPTMoEConfig:
     dropout: float = 0.0
     num_experts: int | list[int] = 0  # 0 = dense; an int for every MoE layer, or one count per MoE layer
     moe_layer_interval: int = 2  # MoE on 0-based layers interval-1, 2*interval-1, ...
-    router_type: int = ROUTER_TOP1
-    top_k: float | None = None
+    router_type: RouterKind = RouterKind.TOP1
+    expert_choice_k: float = 1.0
     capacity_factor: float = 1.0
     eval_capacity_factor: float = 1.0
     min_capacity: int = 4
@@ -103,13 +168,15 @@ class GPTMoEConfig:
         if not _is_num(self.dropout) or not 0.0 <= self.dropout < 1.0:
             _fail("dropout", self.dropout, "a number in [0, 1)")
         self._check_experts()
-        if self.router_type not in ROUTER_NAMES or not _is_int(self.router_type):
-            _fail("router_type", self.router_type, "0 (top-1) | 1 (expert choice) | 2 (top-2)")
+        try:
+            self.router_type = RouterKind(self.router_type)
+        except ValueError:
+            _fail("router_type", self.router_type, ROUTER_ALLOWED)
         for name in ("capacity_factor", "eval_capacity_factor", "init_std"):
             v = getattr(self, name)
             if not _is_num(v) or not v > 0 or math.isinf(v):
                 _fail(name, v, "a finite number > 0")
-        self._check_top_k()
+        self._check_expert_choice_k()
         if not _is_int(self.min_capacity) or self.min_capacity < 0:
             _fail("min_capacity", self.min_capacity, "an integer >= 0")
         for name in ("aux_loss_coef", "z_loss_coef"):
@@ -144,25 +211,18 @@ class GPTMoEConfig:
                   "so that at least one layer is MoE")
         for e in self.experts_per_moe_layer():
             if e % self.ep_size:
-                _fail("ep_size", self.ep_size, f"a divisor of every expert count {self.experts_per_moe_layer()}")
+                _fail("ep_size", self.ep_size, f"a divisor of the expert count num_experts={self.num_experts}")
         if not self.is_moe and self.ep_size != 1:
             _fail("ep_size", self.ep_size, "1 for a dense model (num_experts=0)")
 
-    def _check_top_k(self):
-        derived = {ROUTER_TOP1: 1, ROUTER_TOP2: 2}
-        if self.router_type in derived:
-            k = derived[self.router_type]
-            if self.top_k is not None and self.top_k != k:
-                _fail("top_k", self.top_k, f"{k} or None for router_type={self.router_type}")
-            self.top_k = k
-        else:
-            if self.top_k is None:
-                self.top_k = 1
-            if not _is_num(self.top_k) or not self.top_k > 0 or math.isinf(self.top_k):
-                _fail("top_k", self.top_k, "a number > 0 (average experts per token) for expert choice")
+    def _check_expert_choice_k(self):
+        k = self.expert_choice_k
+        if not _is_num(k) or not k > 0 or math.isinf(k):
+            _fail("expert_choice_k", k, "a number > 0 (experts per token on average, before capacity_factor)")
+        if self.router_type is RouterKind.EXPERT_CHOICE:
             for e in self.experts_per_moe_layer():
                 if self.experts_per_token() > e:
-                    _fail("top_k", self.top_k, f"top_k * capacity_factor <= the expert count {e}")
+                    _fail("expert_choice_k", k, f"expert_choice_k * capacity_factor <= the expert count {e}")
 
     # ------------------------------------------------------------------ structure
     def _moe_slots(self) -> list[int]:
@@ -188,10 +248,11 @@ class GPTMoEConfig:
         return [self.num_experts] * len(self.moe_layer_indices())
 
     def experts_per_token(self) -> float:
-        """Experts a token visits on average: 1 (top-1), 2 (top-2), top_k * capacity_factor (expert choice)."""
-        if self.router_type == ROUTER_EXPERT_CHOICE:
-            return float(self.top_k) * self.capacity_factor
-        return float(self.top_k)
+        """Experts a token visits on average: 1 (top-1), 2 (top-2), expert_choice_k * capacity_factor (expert
+        choice)."""
+        if self.router_type is RouterKind.EXPERT_CHOICE:
+            return float(self.expert_choice_k) * self.capacity_factor
+        return float(self.router_type.top_k)
 
     # ------------------------------------------------------------------ sizes
     @classmethod
@@ -199,10 +260,7 @@ class GPTMoEConfig:
         """`GPTMoEConfig.from_size("0.35B", num_experts=8)`: layers/hidden/heads from SIZES, then overrides."""
         if name not in SIZES:
             raise ValueError(f"GPTMoEConfig.from_size: got {name!r}; allowed: {' | '.join(SIZES)}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"GPTMoEConfig.from_size: unknown fields {unknown}; allowed: {sorted(known)}")
+        check_known_keys(overrides, FIELDS, "GPTMoEConfig.from_size")
         layers, hidden, heads = SIZES[name]
         return cls(**{"num_layers": layers, "hidden_size": hidden, "num_heads": heads, **overrides})
 
@@ -242,12 +300,15 @@ class GPTMoEConfig:
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON- and YAML-safe: the router kind by name."""
+        return {**asdict(self), "router_type": self.router_type.value}
 
     @classmethod
     def from_dict(cls, data: dict) -> "GPTMoEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"GPTMoEConfig.from_dict: unknown fields {unknown}; allowed: {sorted(known)}")
+        """What `to_dict` wrote, or a file written before router names (see `upgrade_legacy_fields`)."""
+        data = upgrade_legacy_fields(data)
+        check_known_keys(data, FIELDS, "GPTMoEConfig.from_dict")
         return cls(**data)
+
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in fields(GPTMoEConfig))

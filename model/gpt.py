@@ -13,13 +13,12 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import GPTMoEConfig
-from .moe.layer import MLP, MoELayer, MoEOutput
+from .moe.layer import MLP, MoELayer, MoEOutput, moe_layers
 
 
 class KVCache:
@@ -133,14 +132,6 @@ class GPTMoEOutput:
         return None if self.loss is None else self.loss + self.aux_loss + self.z_loss
 
 
-def default_ep_rank(ep_size: int) -> int:
-    """This process's rank in its expert-parallel group under DeepSpeed's default layout, where groups are
-    blocks of consecutive ranks ([0..ep-1], [ep..2ep-1], ...); 0 without torch.distributed."""
-    if ep_size > 1 and dist.is_available() and dist.is_initialized():
-        return dist.get_rank() % ep_size
-    return 0
-
-
 class GPTMoE(nn.Module):
     """GPT decoder with MoE feed-forward layers every `config.moe_layer_interval` layers.
 
@@ -148,15 +139,19 @@ class GPTMoE(nn.Module):
     the pretraining loop passes input_ids = sample[:, :-1] and labels = sample[:, 1:], and no shift happens
     here (the Hugging Face wrapper in model/hf.py shifts, as transformers does). Labels of -100 are ignored.
 
-    `ep_rank` places this process's slice of the experts; by default it follows DeepSpeed's layout
-    (`default_ep_rank`). Parameter names do not depend on it: local expert i of rank r is global expert
+    `ep_rank` (this process's rank in its expert-parallel group, 0..ep_size-1; see
+    `model.parallel.expert_parallel_rank`) places its slice of the experts; it must be given when
+    `config.ep_size > 1`. Parameter names do not depend on it: local expert i of rank r is global expert
     r * E_local + i, which is how DeepSpeed numbers its per-expert checkpoint files.
     """
 
     def __init__(self, config: GPTMoEConfig, ep_rank: int | None = None):
         super().__init__()
         self.config = config
-        ep_rank = default_ep_rank(config.ep_size) if ep_rank is None else ep_rank
+        if ep_rank is None and config.ep_size > 1:
+            raise ValueError(f"GPTMoE: ep_size={config.ep_size} needs this process's expert-parallel rank: "
+                             "GPTMoE(config, ep_rank=model.parallel.expert_parallel_rank(rank, ep_size))")
+        ep_rank = ep_rank or 0
         experts = dict(zip(config.moe_layer_indices(), config.experts_per_moe_layer()))
         self.wte = nn.Embedding(config.padded_vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.seq_len, config.hidden_size)
@@ -184,12 +179,8 @@ class GPTMoE(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for layer in self.moe_layers():
+        for layer in moe_layers(self):
             layer.reset_parameters(std, out_std)
-
-    def moe_layers(self) -> list[MoELayer]:
-        """MoE layers in module order: the order DeepSpeed numbers them in checkpoint file names."""
-        return [m for m in self.modules() if isinstance(m, MoELayer)]
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, position_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None, past_key_values=None, use_cache: bool = False) -> GPTMoEOutput:

@@ -15,7 +15,7 @@ Labels follow the transformers convention: `labels` may equal `input_ids`; the s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,37 +23,36 @@ from transformers import (AutoConfig, AutoModelForCausalLM, DynamicCache, Genera
                           PreTrainedModel)
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-from .config import GPTMoEConfig
+from .config import FIELDS, GPTMoEConfig
 from .gpt import GPTMoE
 
-_FIELDS = [f.name for f in fields(GPTMoEConfig)]
-# GPTMoEConfig field -> attribute name here, where the field's own name means something else to transformers
-# (a `top_k` in a model config is read as a generation setting).
-_RENAMED = {"top_k": "moe_top_k"}
+# Saved by earlier versions (`top_k` under another name, since transformers reads a config's `top_k` as a
+# generation setting); GPTMoEConfig.from_dict converts it.
+LEGACY_FIELDS = ("moe_top_k",)
 
 
 class GPTMoEHFConfig(PretrainedConfig):
-    """Every GPTMoEConfig field as a flat attribute (validated by GPTMoEConfig; `top_k` is `moe_top_k` here),
-    plus transformers' usual names as aliases."""
+    """Every GPTMoEConfig field as a flat attribute (validated by GPTMoEConfig; the router kind by name),
+    plus transformers' usual names as aliases. Configs saved before router names load too."""
 
     model_type = "gpt_moe"
     attribute_map = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
                      "max_position_embeddings": "seq_len", "intermediate_size": "ffn_hidden_size"}
 
     def __init__(self, **kwargs):
-        own = {name: kwargs.pop(_RENAMED.get(name, name)) for name in _FIELDS if _RENAMED.get(name, name) in kwargs}
-        for name, value in GPTMoEConfig(**own).to_dict().items():
-            setattr(self, _RENAMED.get(name, name), value)
+        own = {name: kwargs.pop(name) for name in (*FIELDS, *LEGACY_FIELDS) if name in kwargs}
+        for name, value in GPTMoEConfig.from_dict(own).to_dict().items():
+            setattr(self, name, value)
         # Tying happens inside GPTMoE (logits reuse the embedding weight), not through transformers.
         kwargs["tie_word_embeddings"] = False
         super().__init__(**kwargs)
 
     @classmethod
     def from_gpt_moe_config(cls, config: GPTMoEConfig, **kwargs) -> "GPTMoEHFConfig":
-        return cls(**{_RENAMED.get(k, k): v for k, v in config.to_dict().items()}, **kwargs)
+        return cls(**config.to_dict(), **kwargs)
 
     def to_gpt_moe_config(self) -> GPTMoEConfig:
-        return GPTMoEConfig(**{name: getattr(self, _RENAMED.get(name, name)) for name in _FIELDS})
+        return GPTMoEConfig.from_dict({name: getattr(self, name) for name in FIELDS})
 
 
 @dataclass

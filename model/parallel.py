@@ -15,12 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from .gpt import CausalSelfAttention
-from .moe.layer import MoELayer
+from .moe.layer import moe_layers
 
 
-def moe_layers(model: nn.Module) -> list[MoELayer]:
-    """MoE layers in module order (DeepSpeed numbers its expert checkpoint files in this order)."""
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
+def expert_parallel_rank(rank: int, ep_size: int) -> int:
+    """A process's rank in its expert-parallel group, from its global rank. DeepSpeed's layout: groups are
+    blocks of consecutive ranks ([0..ep-1], [ep..2ep-1], ...), so rank r holds experts of slice r % ep."""
+    return rank % ep_size
 
 
 def set_expert_parallel_group(model: nn.Module, group) -> None:

@@ -28,6 +28,7 @@ import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,6 +36,11 @@ import torch
 from launcher.errors import UsageError
 from launcher.files import write_json_atomic, write_text_atomic
 from launcher.training.distributed import barrier, broadcast_from_main
+
+if TYPE_CHECKING:
+    from launcher.config import RunConfig
+    from launcher.training.distributed import Placement
+    from model.config import GPTMoEConfig
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -64,9 +70,15 @@ def find_checkpoint(path: str | Path) -> tuple[Path, str] | None:
     return None
 
 
-def check_compatible(cfg, state: dict, where: Path) -> None:
+def missing_load(source: str | Path) -> str:
+    """The error for a LOAD with nothing complete to load."""
+    return (f"LOAD: got {str(source)!r}; allowed: a run folder, a checkpoints folder with a '{LATEST}' file, or a "
+            f"tag folder with {TRAINER_STATE} (a complete checkpoint)")
+
+
+def check_compatible(cfg: RunConfig, state: dict, where: Path) -> None:
     """Data order and the schedule are functions of the iteration and the batch shape: refuse a shape change."""
-    for key, mine in (("global_batch", cfg.global_batch), ("seq_len", cfg.seq_len)):
+    for key, mine in (("global_batch", cfg.global_batch), ("seq_len", cfg.model.seq_len)):
         if key in state and state[key] != mine:
             raise UsageError(f"resume from {where}: the checkpoint was trained with {key}={state[key]}, this "
                              f"run has {mine}; exact resumption needs the same value")
@@ -84,8 +96,8 @@ class Layout:
     sp_size: int = 1
 
     @classmethod
-    def of_run(cls, cfg) -> "Layout":
-        return cls(world_size=cfg.world_size, ep_size=cfg.ep_size, zero_stage=cfg.zero_stage,
+    def of_run(cls, cfg: RunConfig) -> "Layout":
+        return cls(world_size=cfg.world_size, ep_size=cfg.model.ep_size, zero_stage=cfg.zero_stage,
                    precision=cfg.precision, sp_size=cfg.sp_size)
 
     @classmethod
@@ -99,8 +111,9 @@ class Layout:
                 raise UsageError(f"{tag_dir / TRAINER_STATE}: 'layout' is not one this toolkit wrote") from None
         run = read_json(tag_dir / RUN_CONFIG)
         try:
+            ep_size = run["model"]["ep_size"] if "model" in run else run["ep_size"]  # flat: an older run_config
             return cls(world_size=int(state.get("world_size") or run["num_nodes"] * run["gpus_per_node"]),
-                       ep_size=int(run["ep_size"]), zero_stage=int(run["zero_stage"]),
+                       ep_size=int(ep_size), zero_stage=int(run["zero_stage"]),
                        precision=str(run["precision"]), sp_size=int(run.get("sp_size", 1)))
         except (KeyError, TypeError, ValueError):
             raise UsageError(f"{tag_dir / RUN_CONFIG}: lacks the processes, EP size, ZeRO stage or precision "
@@ -145,11 +158,11 @@ def read_model_config(tag_dir: Path):
 # What fixes the shape of the weights and how they are used; the rest (capacity, EP, recompute, dropout, loss
 # coefficients) may change between runs of one model.
 SHAPE_FIELDS = ("padded_vocab_size", "seq_len", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size",
-                "moe_layer_indices", "experts_per_moe_layer", "router_type", "top_k", "use_residual",
+                "moe_layer_indices", "experts_per_moe_layer", "router_type", "experts_per_token", "use_residual",
                 "tie_embeddings")
 
 
-def _shape(mcfg) -> dict:
+def _shape(mcfg: GPTMoEConfig) -> dict:
     out = {}
     for name in SHAPE_FIELDS:
         value = getattr(mcfg, name)
@@ -157,13 +170,13 @@ def _shape(mcfg) -> dict:
     return out
 
 
-def shape_differences(checkpoint_mcfg, run_mcfg) -> list[str]:
+def shape_differences(checkpoint_mcfg: GPTMoEConfig, run_mcfg: GPTMoEConfig) -> list[str]:
     """'field: checkpoint value vs run value' for every shape field that differs."""
     a, b = _shape(checkpoint_mcfg), _shape(run_mcfg)
     return [f"{name} {a[name]} (checkpoint) vs {b[name]} (this run)" for name in SHAPE_FIELDS if a[name] != b[name]]
 
 
-def check_same_model(tag_dir: Path, run_mcfg) -> None:
+def check_same_model(tag_dir: Path, run_mcfg: GPTMoEConfig) -> None:
     diffs = shape_differences(read_model_config(tag_dir), run_mcfg)
     if diffs:
         raise UsageError(f"checkpoint {tag_dir}: its model differs from this run's: {'; '.join(diffs)}; resume "
@@ -185,7 +198,7 @@ def _listing(tag_dir: Path) -> dict[str, int | None]:
             for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != TRAINER_STATE}
 
 
-def expected_files(tag_dir: Path, state: dict, layout: Layout, mcfg) -> dict[str, int | None]:
+def expected_files(tag_dir: Path, state: dict, layout: Layout, mcfg: GPTMoEConfig) -> dict[str, int | None]:
     """The files the checkpoint must hold -> their size (None: unknown). Written into trainer_state.json since
     it records them; for older checkpoints, predicted from DeepSpeed's naming for the layout."""
     from model.checkpoint import MODEL_STATES
@@ -230,7 +243,7 @@ def check_files(tag_dir: Path, files: dict[str, int | None]) -> None:
                 raise UsageError(str(exc)) from None
 
 
-def verify_checkpoint(cfg, folder: Path, tag: str, run_mcfg=None) -> dict:
+def verify_checkpoint(cfg: RunConfig, folder: Path, tag: str, run_mcfg: GPTMoEConfig | None = None) -> dict:
     """Everything resuming from folder/tag needs, checked without loading a tensor: returns the trainer state.
     A finished run (iteration >= the run's) is only checked for its state: nothing more is read."""
     tag_dir = folder / tag
@@ -321,7 +334,7 @@ def load_safely(engine) -> None:
 
 
 class Checkpointer:
-    def __init__(self, cfg, mcfg, placement, engine, tokenizer_dir: str):
+    def __init__(self, cfg: RunConfig, mcfg: GPTMoEConfig, placement: Placement, engine, tokenizer_dir: str):
         self.cfg = cfg
         self.mcfg = mcfg
         self.placement = placement
@@ -348,8 +361,8 @@ class Checkpointer:
             if self.tokenizer_dir.is_dir():
                 shutil.copytree(self.tokenizer_dir, tag_dir / "tokenizer", dirs_exist_ok=True)
             write_json_atomic({"iteration": iteration, "tokens": tokens, "train_iters": self.cfg.train_iters,
-                               "world_size": self.placement.world_size, "global_batch": self.cfg.global_batch,
-                               "seq_len": self.cfg.seq_len, "layout": asdict(Layout.of_run(self.cfg)),
+                               "world_size": self.cfg.world_size, "global_batch": self.cfg.global_batch,
+                               "seq_len": self.cfg.model.seq_len, "layout": asdict(Layout.of_run(self.cfg)),
                                "files": _listing(tag_dir)}, tag_dir / TRAINER_STATE)
             write_text_atomic(tag + "\n", self.folder / LATEST)
         barrier()  # nobody moves on (or exits) before `latest` names a complete checkpoint
@@ -362,8 +375,7 @@ class Checkpointer:
         source = self.cfg.load
         found = find_checkpoint(source or self.folder)
         if source and found is None:
-            return None, None, (f"LOAD: got {source!r}; allowed: a run folder, a checkpoints folder with a "
-                                f"'{LATEST}' file, or a tag folder with {TRAINER_STATE} (a complete checkpoint)")
+            return None, None, missing_load(source)
         if found is None:
             return None, None, None
         try:

@@ -9,9 +9,14 @@ its slice of the sequence.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from launcher.config import RunConfig
+    from launcher.training.distributed import Placement
 
 
 @dataclass
@@ -25,12 +30,12 @@ class Batch:
         return self.labels.numel()
 
 
-def eval_samples(cfg) -> int:
+def eval_samples(cfg: RunConfig) -> int:
     """One validation pass: the same `eval_iters` global micro batches each time, so evaluations compare."""
     return cfg.eval_iters * cfg.micro_batch * cfg.dp_size
 
 
-def build_datasets(cfg, placement, barrier, vocab_size: int):
+def build_datasets(cfg: RunConfig, placement: Placement, barrier, vocab_size: int):
     """(train, valid) for this run. Rank 0 builds the shuffle indices first, the others then read them.
     `vocab_size`: the tokenizer's, so data tokenized with another tokenizer is refused."""
     from launcher.data.gpt_dataset import build_gpt_datasets
@@ -38,7 +43,7 @@ def build_datasets(cfg, placement, barrier, vocab_size: int):
     num_samples = (cfg.train_iters * cfg.global_batch, max(1, eval_samples(cfg)), 0)
 
     def build():
-        train, valid, _ = build_gpt_datasets(cfg.resolved_data_path, cfg.split, cfg.seq_len, cfg.seed, num_samples,
+        train, valid, _ = build_gpt_datasets(cfg.resolved_data_path, cfg.split, cfg.model.seq_len, cfg.seed, num_samples,
                                              vocab_size=vocab_size)  # index cached beside the data
         return train, valid
 
@@ -53,14 +58,15 @@ def build_datasets(cfg, placement, barrier, vocab_size: int):
 class Batches:
     """Micro batches for one process."""
 
-    def __init__(self, cfg, placement):
+    def __init__(self, cfg: RunConfig, placement: Placement):
         self.micro = cfg.micro_batch
         self.global_batch = cfg.global_batch
-        self.seq_len = cfg.seq_len
+        self.dp_size = cfg.dp_size
+        self.seq_len = cfg.model.seq_len
         self.placement = placement
 
     def _indices(self, base: int, micro_step: int) -> range:
-        start = base + (micro_step * self.placement.dp_size + self.placement.dp_rank) * self.micro
+        start = base + (micro_step * self.dp_size + self.placement.dp_rank) * self.micro
         return range(start, start + self.micro)
 
     def _collate(self, dataset, indices: range) -> Batch:

@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from launcher.config import RunConfig
 
 
 @dataclass(frozen=True)
 class Placement:
+    """Where this process sits. The sizes (world, data-parallel) are the RunConfig's: `cfg.world_size`,
+    `cfg.dp_size`."""
+
     rank: int
-    world_size: int
     local_rank: int
     sp_size: int
     device: torch.device
@@ -26,10 +32,6 @@ class Placement:
         return self.rank // self.sp_size
 
     @property
-    def dp_size(self) -> int:
-        return self.world_size // self.sp_size
-
-    @property
     def sp_rank(self) -> int:
         return self.rank % self.sp_size
 
@@ -38,7 +40,7 @@ class Placement:
         return self.rank == 0
 
 
-def init_distributed(cfg) -> Placement:
+def init_distributed(cfg: RunConfig) -> Placement:
     """cfg: RunConfig. The launcher (cluster.py) sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT."""
     import deepspeed
     import torch.distributed as dist
@@ -66,8 +68,7 @@ def init_distributed(cfg) -> Placement:
             group = dist.new_group(list(range(start, start + cfg.sp_size)))
             if start <= rank < start + cfg.sp_size:
                 sp_group = group
-    return Placement(rank=rank, world_size=world, local_rank=local_rank, sp_size=cfg.sp_size, device=device,
-                     sp_group=sp_group)
+    return Placement(rank=rank, local_rank=local_rank, sp_size=cfg.sp_size, device=device, sp_group=sp_group)
 
 
 def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -10,14 +10,19 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from launcher.files import write_text_atomic
 from launcher.training.distributed import all_reduce_sum
 
+if TYPE_CHECKING:
+    from launcher.config import RunConfig
+    from model.config import GPTMoEConfig
 
-def flops_per_token(mcfg, seq_len: int) -> float:
+
+def flops_per_token(mcfg: GPTMoEConfig, seq_len: int) -> float:
     """Model FLOPs of one token's forward and backward: 6 x active parameters (the matmuls a token goes
     through: dense layers, the experts it visits, the output layer), plus attention's scores and weighted sum
     (2 x 2 x T x D per layer forward, x3 with backward). Recomputation is not counted: these are model FLOPs."""
@@ -89,7 +94,7 @@ class ExpertLoad:
 class MetricsWriter:
     """Rank 0's outputs. Every method is a no-op on the other ranks."""
 
-    def __init__(self, cfg, enabled: bool, start_iteration: int):
+    def __init__(self, cfg: RunConfig, enabled: bool, start_iteration: int):
         self.enabled = enabled
         self.total = cfg.train_iters
         self.bar = None

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from launcher.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -20,7 +24,7 @@ class LRSchedule:
     decay: str = "linear"  # linear | cosine | constant
 
     @classmethod
-    def from_run_config(cls, cfg) -> "LRSchedule":
+    def from_run_config(cls, cfg: RunConfig) -> "LRSchedule":
         return cls(lr=cfg.lr, min_lr=cfg.min_lr, warmup_iters=cfg.warmup_iters, train_iters=cfg.train_iters,
                    decay=cfg.lr_decay)
 

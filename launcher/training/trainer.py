@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,10 @@ from launcher.training.optim import build_optimizer, set_lr
 from launcher.training.schedule import LRSchedule
 from launcher.training.signals import StopRequest
 
+if TYPE_CHECKING:
+    from launcher.config import RunConfig
+    from model.config import GPTMoEConfig
+
 # Slots of the per-iteration all-reduce.
 LM, AUX, Z, NONFINITE, STOP, DENSE_SQ, EXPERT_SQ = range(7)
 
@@ -34,7 +39,7 @@ class TrainingStopped(RuntimeError):
     """Training cannot go on (a non-finite loss); the message says where and what to try."""
 
 
-def engine_config(cfg, ds_config_path: Path | None) -> dict:
+def engine_config(cfg: RunConfig, ds_config_path: Path | None) -> dict:
     """The DeepSpeed JSON the launcher wrote beside the run config (or the same, rebuilt)."""
     if ds_config_path is not None and ds_config_path.is_file():
         ds = json.loads(ds_config_path.read_text())
@@ -50,13 +55,14 @@ def engine_config(cfg, ds_config_path: Path | None) -> dict:
     return ds
 
 
-def build_model(cfg, mcfg, placement: Placement):
+def build_model(cfg: RunConfig, mcfg: GPTMoEConfig, placement: Placement):
     from model.gpt import GPTMoE
+    from model.parallel import expert_parallel_rank
 
     # The same seed on every rank: the model draws its experts' seed from it and initialises each expert by
     # its global id, so expert-parallel ranks hold different experts of one consistent model.
     torch.manual_seed(cfg.seed)
-    model = GPTMoE(mcfg, ep_rank=placement.rank % cfg.ep_size)  # DeepSpeed's EP groups: consecutive ranks
+    model = GPTMoE(mcfg, ep_rank=expert_parallel_rank(placement.rank, mcfg.ep_size))
     if cfg.sp_size > 1:
         from model.parallel import apply_sequence_parallel
 
@@ -67,7 +73,7 @@ def build_model(cfg, mcfg, placement: Placement):
 
 
 class Trainer:
-    def __init__(self, cfg, ds_config_path: Path | None = None):
+    def __init__(self, cfg: RunConfig, ds_config_path: Path | None = None):
         import deepspeed
         from launcher.data.tokenizer import load_tokenizer
 
@@ -81,12 +87,12 @@ class Trainer:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds)
         # ZeRO and the mixed-precision optimizers report the grad norm they clipped with; plain fp32 does not.
         self.own_grad_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
-        self.expert_replicas = p.world_size // cfg.ep_size  # ranks holding each expert (expert-data-parallel)
+        self.expert_replicas = cfg.world_size // cfg.model.ep_size  # ranks holding each expert (expert-data-parallel)
         self.train_data, self.valid_data = build_datasets(cfg, p, barrier, tokenizer.vocab_size)
         self.batches = Batches(cfg, p)
         self.schedule = LRSchedule.from_run_config(cfg)
         self.checkpointer = Checkpointer(cfg, self.mcfg, p, self.engine, cfg.resolved_tokenizer_path)
-        self.flops_per_token = flops_per_token(self.mcfg, cfg.seq_len)
+        self.flops_per_token = flops_per_token(self.mcfg, cfg.model.seq_len)
 
     # ------------------------------------------------------------------ one iteration
     def _grad_sq(self) -> torch.Tensor:
@@ -121,7 +127,7 @@ class Trainer:
         reduced = all_reduce_sum(vector, self.placement.device).tolist()  # the one host sync of the iteration
         if reduced[NONFINITE] and cfg.precision != "fp16":
             # fp16 has DeepSpeed's loss scaler, which skips the step and lowers the scale; fp32/bf16 have none.
-            world = self.placement.world_size
+            world = self.cfg.world_size
             raise TrainingStopped(
                 f"iteration {iteration + 1}: the loss is not finite (lm {reduced[LM] / world:.4g}, aux "
                 f"{reduced[AUX] / world:.4g}, z {reduced[Z] / world:.4g}) on {int(reduced[NONFINITE])} of {world} "
@@ -132,7 +138,7 @@ class Trainer:
 
     def grad_norm(self, reduced: list[float]) -> float:
         if self.own_grad_norm:
-            world = self.placement.world_size
+            world = self.cfg.world_size
             return math.sqrt(reduced[DENSE_SQ] / world + reduced[EXPERT_SQ] / self.expert_replicas)
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
@@ -149,7 +155,7 @@ class Trainer:
             batch = self.batches.valid(self.valid_data, step)
             total += float(self.engine(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids).loss)
         self.engine.train()
-        batches = self.cfg.eval_iters * self.placement.world_size
+        batches = self.cfg.eval_iters * self.cfg.world_size
         loss = float(all_reduce_sum([total], self.placement.device)[0]) / batches
         return {"loss": loss, "ppl": math.exp(min(loss, 700.0))}
 
@@ -173,7 +179,7 @@ class Trainer:
                 reduced = self.train_iteration(iteration, stop, load)
                 elapsed = time.perf_counter() - t0
                 iteration += 1
-                world = p.world_size
+                world = cfg.world_size
                 interval["lm"] += reduced[LM] / world
                 interval["aux"] += reduced[AUX] / world
                 interval["z"] += reduced[Z] / world
@@ -204,7 +210,7 @@ class Trainer:
         values = {"lm_loss": interval["lm"] / n, "aux_loss": interval["aux"] / n, "z_loss": interval["z"] / n,
                   "lr": self.schedule(iteration - 1), "grad_norm": self.grad_norm(reduced),
                   "tokens_per_s": tokens_per_s,
-                  "tflops_per_process": tokens_per_s * self.flops_per_token / self.placement.world_size / 1e12,
+                  "tflops_per_process": tokens_per_s * self.flops_per_token / self.cfg.world_size / 1e12,
                   "tokens": iteration * self.cfg.tokens_per_iter,
                   "eta_s": (self.cfg.train_iters - iteration) * interval["time"] / n,
                   "skipped_steps": self.engine.skipped_steps - skipped_before,
@@ -236,7 +242,7 @@ def _as_tensor(value, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(value, dtype=like.dtype, device=like.device)
 
 
-def pretrain(cfg, ds_config_path: Path | None = None) -> int:
+def pretrain(cfg: RunConfig, ds_config_path: Path | None = None) -> int:
     """Run (or resume) the training `cfg` describes on this process; returns the exit code."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury the progress
     try:

@@ -22,10 +22,15 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
-from ..config import ROUTER_EXPERT_CHOICE, GPTMoEConfig
+from ..config import GPTMoEConfig, RouterKind
 from .dispatch import CapacityDispatcher, GroupedDispatcher
 from .experts import GroupedExperts, gelu, grouped_mm_supported, split_stacked
 from .router import ExpertChoiceRouter, Routing, TopKRouter
+
+
+def moe_layers(model: nn.Module) -> list["MoELayer"]:
+    """MoE layers in module order (DeepSpeed numbers its expert checkpoint files in this order)."""
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
 class MLP(nn.Module):
@@ -153,10 +158,10 @@ class MoELayer(MoE):
         h, f = config.hidden_size, config.ffn_hidden_size
         common = dict(capacity_factor=config.capacity_factor, min_capacity=config.min_capacity,
                       drop_tokens=config.drop_tokens, jitter=config.router_jitter)
-        if config.router_type == ROUTER_EXPERT_CHOICE:
-            gate = ExpertChoiceRouter(h, num_experts, config.top_k, **common)
+        if config.router_type is RouterKind.EXPERT_CHOICE:
+            gate = ExpertChoiceRouter(h, num_experts, config.expert_choice_k, **common)
         else:
-            gate = TopKRouter(h, num_experts, int(config.top_k), use_rts=config.use_rts,
+            gate = TopKRouter(h, num_experts, config.router_type.top_k, use_rts=config.use_rts,
                               second_expert_sampling=config.top2_2nd_expert_sampling, **common)
         experts = GroupedExperts(self.num_local_experts, h, f, group_name=self.expert_group_name,
                                  num_experts=num_experts, first_expert=ep_rank * self.num_local_experts)

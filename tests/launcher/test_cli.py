@@ -155,7 +155,7 @@ def test_bad_environment(clean_env, capsys, monkeypatch, env, message):
 def test_sp_must_divide_heads(clean_env, capsys):
     args = "dryrun 8 gpt2bpe nano 8 0 1 8 none none 100".split()  # nano has 4 heads
     code, _, err = dryrun(args, capsys)
-    assert code == 2 and "SP: got 8; allowed: a divisor of the head count 4 of nano" in err
+    assert code == 2 and "SP: got 8; allowed: a divisor of the head count 4 (--num-attention-heads)" in err
 
 
 def test_offload_needs_zero(clean_env, capsys, monkeypatch):
@@ -181,10 +181,10 @@ def test_flags_and_environment_override_defaults(clean_env):
     cfg = build_run_config(NANO + ["--lr", "5e-4", "--no-drop-tokens", "--use-residual", "--seq-len=32"],
                            {"GLOBAL_BATCH_SIZE": "16", "SEQ_LEN": "128", "PRECISION": "bf16",
                             "OUTPUT_BASEPATH": str(clean_env)})
-    assert cfg.lr == 5e-4 and cfg.drop_tokens is False and cfg.use_residual is True
-    assert cfg.seq_len == 32  # a flag wins over the environment
+    assert cfg.lr == 5e-4 and cfg.model.drop_tokens is False and cfg.model.use_residual is True
+    assert cfg.model.seq_len == 32  # a flag wins over the environment
     assert cfg.global_batch == 16 and cfg.grad_accum == 4 and cfg.precision == "bf16"
-    assert cfg.ep_size == 2  # min(experts, world)
+    assert cfg.model.ep_size == 2  # min(experts, world)
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -203,7 +203,7 @@ def test_token_based_iterations_and_accumulation(clean_env):
     cfg = build_run_config("dryrun 8 gpt2bpe 0.35B 64 2 4 1 full z2 500".split(),
                            {"WORLD_SIZE": "4", "RANK": "1", "TRAIN_TOKENS": str(524288 * 1000),
                             "WARMUP_TOKENS": str(524288 * 10 + 1)})
-    assert cfg.world_size == 32 and cfg.dp_size == 32 and cfg.ep_size == 32
+    assert cfg.world_size == 32 and cfg.dp_size == 32 and cfg.model.ep_size == 32
     assert cfg.global_batch == 256 and cfg.grad_accum == 2
     assert cfg.train_iters == 1000 and cfg.warmup_iters == 11
 

@@ -21,13 +21,13 @@ import torch  # noqa: E402
 from model import GPTMoE, GPTMoEConfig  # noqa: E402
 
 EP_CASES = {
-    "top1-drop": dict(router_type=0, capacity_factor=0.75, use_rts=False),
-    "top1-dropless": dict(router_type=0, drop_tokens=False),
-    "top2-drop-residual": dict(router_type=2, capacity_factor=0.75, use_rts=False, use_residual=True),
-    "top2-dropless": dict(router_type=2, drop_tokens=False, num_layers=4, num_experts=[2, 4]),
-    "expert-choice": dict(router_type=1, top_k=2.0),
+    "top1-drop": dict(router_type="top1", capacity_factor=0.75, use_rts=False),
+    "top1-dropless": dict(router_type="top1", drop_tokens=False),
+    "top2-drop-residual": dict(router_type="top2", capacity_factor=0.75, use_rts=False, use_residual=True),
+    "top2-dropless": dict(router_type="top2", drop_tokens=False, num_layers=4, num_experts=[2, 4]),
+    "expert-choice": dict(router_type="expert_choice", expert_choice_k=2.0),
 }
-ENGINE_CASE = dict(router_type=0, capacity_factor=1.0, use_rts=False)
+ENGINE_CASE = dict(router_type="top1", capacity_factor=1.0, use_rts=False)
 ENGINE_STEPS = 2
 ZERO_STAGES = (1, 2)
 LR = 0.5
@@ -56,12 +56,12 @@ def optimizer(model):
 
 
 def run_ep(rank: int) -> dict:
-    from model.parallel import setup_expert_parallel
+    from model.parallel import expert_parallel_rank, setup_expert_parallel
 
     results = {}
     for name, case in EP_CASES.items():
         torch.manual_seed(0)
-        model = GPTMoE(config(case, ep_size=2))  # ep_rank from torch.distributed: DeepSpeed's layout
+        model = GPTMoE(config(case, ep_size=2), ep_rank=expert_parallel_rank(rank, 2))
         setup_expert_parallel(model)
         x, y = batch(0, rank)
         out = model.train()(x, labels=y)
@@ -77,13 +77,14 @@ def run_ep(rank: int) -> dict:
 
 def run_engine(rank: int, outdir: Path, stage: int) -> dict:
     import deepspeed
+    from model.parallel import expert_parallel_rank
 
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
                  "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
                  "gradient_clipping": CLIP, "steps_per_print": 10**6}
     ckpt = str(outdir / f"ckpt_zero{stage}")
     torch.manual_seed(0)
-    model = GPTMoE(config(ENGINE_CASE, ep_size=2))
+    model = GPTMoE(config(ENGINE_CASE, ep_size=2), ep_rank=expert_parallel_rank(rank, 2))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer(model), config=ds_config)
     for step in range(ENGINE_STEPS):
         x, y = batch(step + 1, rank)
@@ -95,7 +96,7 @@ def run_engine(rank: int, outdir: Path, stage: int) -> dict:
         logits = engine.module.eval()(probe).logits
 
     torch.manual_seed(123)  # a differently initialised model, restored from the checkpoint
-    fresh = GPTMoE(config(ENGINE_CASE, ep_size=2))
+    fresh = GPTMoE(config(ENGINE_CASE, ep_size=2), ep_rank=expert_parallel_rank(rank, 2))
     engine2, *_ = deepspeed.initialize(model=fresh, optimizer=optimizer(fresh), config=ds_config)
     engine2.load_checkpoint(ckpt, tag="final")
     with torch.no_grad():
@@ -109,7 +110,7 @@ def run_ulysses(rank: int) -> dict:
     from model.parallel import apply_sequence_parallel, sequence_shard
 
     torch.manual_seed(0)
-    model = GPTMoE(config(dict(router_type=2, drop_tokens=False), ep_size=1)).train()
+    model = GPTMoE(config(dict(router_type="top2", drop_tokens=False), ep_size=1)).train()
     apply_sequence_parallel(model, dist.group.WORLD)
     x, y = batch(7, 0)  # the same full batch on both ranks; each keeps its half of the sequence
     x_local, positions = sequence_shard(x, rank, 2)

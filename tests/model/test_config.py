@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from model import SIZES, GPTMoEConfig
-from model.moe.layer import MoELayer
+from model.config import RouterKind
+from model.moe.layer import MoELayer, moe_layers
 from deepspeed.moe.utils import is_moe_param
 
 from .conftest import build, nano
@@ -30,7 +31,8 @@ def test_from_size_errors_list_what_is_allowed():
 
 
 @pytest.mark.parametrize("field, value, words", [
-    ("router_type", 3, "router_type.*3.*0 \\(top-1\\)"),
+    ("router_type", 3, "router_type.*3.*top1 \\| expert_choice \\| top2"),
+    ("router_type", "top3", "router_type.*'top3'.*top1 \\| expert_choice \\| top2"),
     ("num_heads", 5, "num_heads.*5.*divisor of hidden_size=64"),
     ("num_experts", -1, "num_experts.*-1"),
     ("num_experts", [4, 4], "num_experts.*a list of 1 counts"),
@@ -38,7 +40,7 @@ def test_from_size_errors_list_what_is_allowed():
     ("recompute", "some", "recompute.*'some'.*none \\| sel \\| full"),
     ("dropout", 1.0, "dropout.*\\[0, 1\\)"),
     ("capacity_factor", 0, "capacity_factor"),
-    ("top_k", 2, "top_k.*1 or None"),
+    ("expert_choice_k", 0, "expert_choice_k.*a number > 0"),
     ("drop_tokens", "yes", "drop_tokens.*True \\| False"),
     ("moe_layer_interval", 0, "moe_layer_interval.*>= 1"),
     ("router_jitter", 1.5, "router_jitter"),
@@ -55,26 +57,42 @@ def test_derived_fields_and_moe_layer_indices():
     assert cfg.experts_per_moe_layer() == [8] * 6
     assert GPTMoEConfig.from_size("0.125B").moe_layer_indices() == []  # dense
     assert GPTMoEConfig.from_size("0.35B", num_experts=8, moe_layer_interval=1).moe_layer_indices() == list(range(24))
-    assert nano(router_type=2).top_k == 2 and nano(router_type=0).top_k == 1
-    assert nano(router_type=1).experts_per_token() == 1.0
-    assert nano(router_type=1, top_k=2).experts_per_token() == 2.0
-    assert nano(router_type=1, capacity_factor=2.0).experts_per_token() == 2.0
+    assert nano(router_type="top2").experts_per_token() == 2 and nano(router_type="top1").experts_per_token() == 1
+    assert nano(router_type="top2", expert_choice_k=3.0).experts_per_token() == 2  # read by expert choice only
+    assert nano(router_type="top2").router_type is RouterKind.TOP2
+    assert nano(router_type="expert_choice").experts_per_token() == 1.0
+    assert nano(router_type="expert_choice", expert_choice_k=2).experts_per_token() == 2.0
+    assert nano(router_type="expert_choice", capacity_factor=2.0).experts_per_token() == 2.0
     assert GPTMoEConfig(vocab_size=50257).padded_vocab_size == 50304
 
 
 def test_dict_round_trip_is_json_safe():
-    cfg = nano(num_layers=4, num_experts=[2, 4], router_type=1, top_k=2.0, use_residual=True)
+    cfg = nano(num_layers=4, num_experts=[2, 4], router_type="expert_choice", expert_choice_k=2.0, use_residual=True)
     data = json.loads(json.dumps(cfg.to_dict()))
     assert GPTMoEConfig.from_dict(data) == cfg
+    assert data["router_type"] == "expert_choice"
     with pytest.raises(ValueError, match="unknown fields.*'bogus'"):
         GPTMoEConfig.from_dict({**data, "bogus": 1})
+
+
+@pytest.mark.parametrize("digit, kind", [(0, RouterKind.TOP1), (1, RouterKind.EXPERT_CHOICE), (2, RouterKind.TOP2)])
+def test_model_config_saved_before_router_names_loads(digit, kind):
+    """model_config.json files written earlier hold the RT digit and a `top_k` (expert choice's k)."""
+    top_k = {0: 1, 1: 2.0, 2: 2}[digit]
+    old = {**nano().to_dict(), "router_type": digit, "top_k": top_k}
+    del old["expert_choice_k"]
+    cfg = GPTMoEConfig.from_dict(old)
+    assert cfg.router_type is kind
+    assert cfg.experts_per_token() == top_k
+    with pytest.raises(ValueError, match="router_type.*3.*0 \\(top-1\\) \\| 1 \\(expert choice\\) \\| 2"):
+        GPTMoEConfig.from_dict({**old, "router_type": 3})
 
 
 def _active_from_module_tree(model, cfg):
     """The counting rule applied to real modules: every non-expert parameter, plus each MoE layer's expert
     parameters times experts_per_token / experts."""
     active = sum(p.numel() for p in model.parameters() if not is_moe_param(p))
-    for layer in model.moe_layers():
+    for layer in moe_layers(model):
         expert = sum(p.numel() for p in layer.parameters() if is_moe_param(p))
         active += expert * cfg.experts_per_token() / layer.num_experts
     return round(active)
@@ -83,9 +101,9 @@ def _active_from_module_tree(model, cfg):
 @pytest.mark.parametrize("overrides", [
     dict(num_experts=0),
     dict(num_experts=4),
-    dict(num_experts=4, router_type=2, tie_embeddings=False),
-    dict(num_experts=4, router_type=1, top_k=2.0, use_residual=True),
-    dict(num_layers=4, num_experts=[2, 8], router_type=2, use_residual=True, ffn_hidden_size=96),
+    dict(num_experts=4, router_type="top2", tie_embeddings=False),
+    dict(num_experts=4, router_type="expert_choice", expert_choice_k=2.0, use_residual=True),
+    dict(num_layers=4, num_experts=[2, 8], router_type="top2", use_residual=True, ffn_hidden_size=96),
 ])
 def test_param_counts_match_an_instantiated_model(overrides):
     cfg = nano(**overrides)

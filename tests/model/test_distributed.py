@@ -151,7 +151,7 @@ def test_deepspeed_engine_trains_saves_and_loads_at_another_ep_size(worker_resul
 def test_ulysses_attention_matches_full_attention(worker_results):
     _, results = worker_results
     torch.manual_seed(0)
-    ref = GPTMoE(W.config(dict(router_type=2, drop_tokens=False), ep_size=1)).train()
+    ref = GPTMoE(W.config(dict(router_type="top2", drop_tokens=False), ep_size=1)).train()
     x, y = W.batch(7, 0)
     out = ref(x, labels=y)
     (out.loss * y.numel()).backward()

@@ -7,8 +7,8 @@ import model.moe.layer as moe_layer
 
 from .conftest import build, nano
 
-ROUTERS = [dict(router_type=0), dict(router_type=1, top_k=2.0), dict(router_type=2),
-           dict(router_type=2, use_residual=True, num_layers=4, num_experts=[2, 4])]
+ROUTERS = [dict(router_type="top1"), dict(router_type="expert_choice", expert_choice_k=2.0), dict(router_type="top2"),
+           dict(router_type="top2", use_residual=True, num_layers=4, num_experts=[2, 4])]
 
 
 def _trained_once(cfg, seed=0):
@@ -76,7 +76,7 @@ def test_losses_and_stats():
     assert out.moe_stats == [] and float(out.aux_loss) == 0.0 and out.aux_loss.dim() == 0
 
 
-@pytest.mark.parametrize("router", [dict(router_type=0), dict(router_type=1), dict(router_type=2)])
+@pytest.mark.parametrize("router", [dict(router_type="top1"), dict(router_type="expert_choice"), dict(router_type="top2")])
 def test_recompute_gives_the_same_gradients(router):
     # Dropout, router jitter and random token selection all draw random numbers: recompute must replay them.
     grads, thresholds = {}, {}
@@ -113,7 +113,7 @@ def test_kv_cache_matches_the_full_forward(router):
 
 
 def test_generate_greedy_equals_recomputing_everything():
-    cfg = nano(router_type=2)
+    cfg = nano(router_type="top2")
     model = _trained_once(cfg)
     prompt = torch.randint(0, cfg.vocab_size, (2, 5))
     out = model.generate(prompt, 6, temperature=0)
@@ -136,7 +136,7 @@ def test_generate_greedy_equals_recomputing_everything():
 
 def test_grouped_and_capacity_layouts_agree(monkeypatch):
     """Dropless routing on one rank: the grouped GEMM and the capacity buffer + bmm compute the same."""
-    cfg = nano(router_type=2, drop_tokens=False)
+    cfg = nano(router_type="top2", drop_tokens=False)
     model = build(cfg).train()
     x = torch.randint(0, 97, (2, 16))
 
@@ -155,9 +155,9 @@ def test_grouped_and_capacity_layouts_agree(monkeypatch):
 
 
 def test_bf16_keeps_router_math_in_fp32():
-    cfg = nano(router_type=2)
+    cfg = nano(router_type="top2")
     model = build(cfg).to(torch.bfloat16).train()
-    layer = model.moe_layers()[0]
+    layer = moe_layer.moe_layers(model)[0]
     h = torch.randn(2, 8, cfg.hidden_size, dtype=torch.bfloat16)
     routing = layer.deepspeed_moe.gate(h.reshape(-1, cfg.hidden_size))
     assert routing.weight_R.dtype == torch.float32 and routing.aux_loss.dtype == torch.float32

@@ -1,4 +1,6 @@
 """The transformers wrapper: Auto* registration, state-dict prefix, generate() with a KV cache, save/load."""
+import json
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -8,19 +10,32 @@ from .conftest import build, nano
 
 
 def _pair(**overrides):
-    cfg = nano(router_type=2, **overrides)
+    cfg = nano(router_type="top2", **overrides)
     model = build(cfg).eval()
     return model, GPTMoEForCausalLM.from_gpt_moe(model).eval()
 
 
 def test_config_round_trip_and_registration(tmp_path):
-    cfg = nano(router_type=1, top_k=2.0, num_layers=4, num_experts=[2, 4], use_residual=True)
+    cfg = nano(router_type="expert_choice", expert_choice_k=2.0, num_layers=4, num_experts=[2, 4], use_residual=True)
     hf_cfg = GPTMoEHFConfig.from_gpt_moe_config(cfg)
-    assert hf_cfg.model_type == "gpt_moe" and hf_cfg.num_hidden_layers == 4 and hf_cfg.moe_top_k == 2.0
+    assert hf_cfg.model_type == "gpt_moe" and hf_cfg.num_hidden_layers == 4 and hf_cfg.expert_choice_k == 2.0
+    assert hf_cfg.router_type == "expert_choice"  # by name in config.json
     assert hf_cfg.to_gpt_moe_config() == cfg
     hf_cfg.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["router_type"] == "expert_choice"
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, GPTMoEHFConfig) and loaded.to_gpt_moe_config() == cfg
+
+
+def test_config_saved_before_router_names_loads(tmp_path):
+    """Earlier config.json files hold the router as the RT digit and expert choice's k as `moe_top_k`."""
+    cfg = nano(router_type="expert_choice", expert_choice_k=2.0)
+    GPTMoEHFConfig.from_gpt_moe_config(cfg).save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["router_type"] = 1
+    data["moe_top_k"] = data.pop("expert_choice_k")
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert AutoConfig.from_pretrained(tmp_path).to_gpt_moe_config() == cfg
 
 
 def test_state_dict_is_gpt_moe_with_a_model_prefix():

@@ -12,7 +12,7 @@ from .conftest import build, nano
 
 
 def test_layers_are_deepspeed_moe_with_marked_expert_params():
-    model = build(nano(num_layers=4, num_experts=[2, 4], ep_size=2))
+    model = build(nano(num_layers=4, num_experts=[2, 4], ep_size=2), ep_rank=0)
     layers = moe_layers(model)
     assert [type(m).__mro__[1] for m in layers] == [MoE, MoE]
     assert [(m.num_experts, m.num_local_experts, m.expert_group_name) for m in layers] == [
@@ -26,8 +26,8 @@ def test_layers_are_deepspeed_moe_with_marked_expert_params():
 
 
 def test_deepspeed_expert_file_layout_round_trip():
-    model = build(nano(router_type=1, use_residual=True))
-    layer = model.moe_layers()[0]
+    model = build(nano(router_type="expert_choice", use_residual=True))
+    layer = moe_layers(model)[0]
     alone = layer.state_dict()  # what the engine writes, one file per expert
     expert_keys = [k for k in alone if "expert" in k and "moe.gate.wg.weight" not in k]
     assert sorted(expert_keys) == sorted(f"deepspeed_moe.experts.deepspeed_experts.{i}.{w}.weight"
@@ -35,8 +35,8 @@ def test_deepspeed_expert_file_layout_round_trip():
     assert alone["deepspeed_moe.experts.deepspeed_experts.1.fc1.weight"].shape == (256, 64)  # nn.Linear layout
     # inside the model the experts stay stacked, and the per-expert layout loads back
     assert "blocks.1.mlp.deepspeed_moe.experts.fc1_weight" in model.state_dict()
-    other = build(nano(router_type=1, use_residual=True), seed=1)
-    other.moe_layers()[0].load_state_dict(alone)
+    other = build(nano(router_type="expert_choice", use_residual=True), seed=1)
+    moe_layers(other)[0].load_state_dict(alone)
     moe_keys = [k for k in model.state_dict() if k.startswith("blocks.1.mlp.")]
     assert len(moe_keys) == 8  # gate, threshold, 2 stacked experts, residual MLP (2) and coefficient (2)
     for key in moe_keys:
@@ -53,7 +53,7 @@ def test_merge_expert_parallel_shards_gives_the_full_model():
 
 
 def test_expert_parallel_without_a_group_fails_clearly():
-    model = build(nano(ep_size=2))
+    model = build(nano(ep_size=2), ep_rank=1)
     with pytest.raises(RuntimeError, match="ep_size=2 needs the expert-parallel group"):
         model(torch.randint(0, 97, (1, 8)))
 

@@ -15,7 +15,7 @@ D, F, E, T = 16, 32, 4, 24
 
 
 def _pair(k: int, drop_tokens: bool, use_residual: bool):
-    cfg = nano(hidden_size=D, num_heads=2, ffn_hidden_size=F, num_experts=E, router_type=0 if k == 1 else 2,
+    cfg = nano(hidden_size=D, num_heads=2, ffn_hidden_size=F, num_experts=E, router_type="top1" if k == 1 else "top2",
                capacity_factor=float(E), min_capacity=0, drop_tokens=drop_tokens, use_rts=False,
                use_residual=use_residual)
     torch.manual_seed(0)

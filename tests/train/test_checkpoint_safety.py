@@ -213,7 +213,7 @@ def test_a_bad_load_is_one_line(reference_run, tiny_corpus, tmp_path, case):
 
 @pytest.mark.parametrize("positional,env,differs", [
     ("run 2 gpt2bpe nano 16 0 2 1 none none 3", {}, r"experts_per_moe_layer \[8\] \(checkpoint\) vs \[16\]"),
-    ("run 2 gpt2bpe nano 8 2 2 1 none none 3", {}, r"router_type 0 \(checkpoint\) vs 2"),
+    ("run 2 gpt2bpe nano 8 2 2 1 none none 3", {}, r"router_type top1 \(checkpoint\) vs top2"),
     ("run 2 gpt2bpe tiny 8 0 2 1 none none 3", {}, r"num_layers 2 \(checkpoint\) vs 4.*hidden_size 64"),
     ("run 2 gpt2bpe nano none 0 2 1 none none 3", {}, r"experts_per_moe_layer \[8\] \(checkpoint\) vs \[\]"),
     ("run 2 gpt2bpe nano 8 0 2 1 none z1 3", {}, r"ZeRO 0, fp32; this run has 2 processes, EP 2, ZeRO 1"),

@@ -42,8 +42,13 @@ def test_schedule_is_token_based():
 
 
 # ---------------------------------------------------------------- data order
-def _placement(rank, world, sp=1):
-    return Placement(rank=rank, world_size=world, local_rank=rank, sp_size=sp, device=torch.device("cpu"))
+def _placement(rank, sp=1):
+    return Placement(rank=rank, local_rank=rank, sp_size=sp, device=torch.device("cpu"))
+
+
+def _batch_cfg(micro_batch, global_batch, seq_len, dp_size):
+    return SimpleNamespace(micro_batch=micro_batch, global_batch=global_batch, dp_size=dp_size,
+                           model=SimpleNamespace(seq_len=seq_len))
 
 
 class _Samples:
@@ -57,12 +62,12 @@ class _Samples:
 
 
 def test_each_iteration_takes_its_global_batch_once():
-    cfg = SimpleNamespace(micro_batch=2, global_batch=16, seq_len=8)  # 2 ranks x 2 micro x 4 accumulation
+    cfg = _batch_cfg(micro_batch=2, global_batch=16, seq_len=8, dp_size=2)  # 2 ranks x 2 micro x 4 accumulation
     data = _Samples(8)
     for iteration in (0, 5):
         seen = []
         for rank in (0, 1):
-            batches = Batches(cfg, _placement(rank, 2))
+            batches = Batches(cfg, _placement(rank))
             for micro_step in range(4):
                 b = batches.train(data, iteration, micro_step)
                 assert b.input_ids.shape == (2, 8) and torch.equal(b.labels[:, :-1], b.input_ids[:, 1:])
@@ -71,9 +76,9 @@ def test_each_iteration_takes_its_global_batch_once():
 
 
 def test_sequence_parallel_ranks_share_a_sample_and_split_it():
-    cfg = SimpleNamespace(micro_batch=1, global_batch=2, seq_len=8)  # 4 ranks, SP 2 -> 2 data-parallel ranks
+    cfg = _batch_cfg(micro_batch=1, global_batch=2, seq_len=8, dp_size=2)  # 4 ranks, SP 2 -> 2 data-parallel ranks
     data = _Samples(8)
-    parts = [Batches(cfg, _placement(r, 4, sp=2)).train(data, 0, 0) for r in range(4)]
+    parts = [Batches(cfg, _placement(r, sp=2)).train(data, 0, 0) for r in range(4)]
     assert torch.equal(torch.cat([parts[0].input_ids, parts[1].input_ids], 1), torch.arange(8)[None])
     assert torch.equal(torch.cat([parts[2].labels, parts[3].labels], 1), torch.arange(101, 109)[None])
     assert parts[1].position_ids.tolist() == [[4, 5, 6, 7]] and parts[0].position_ids.tolist() == [[0, 1, 2, 3]]
@@ -114,7 +119,7 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_current(tmp_path):
     cfg = build_run_config("run 1 gpt2bpe nano 8 0 2 1 none none 10".split(), {"OUTPUT_BASEPATH": str(tmp_path)})
     folder = cfg.run_dir / "checkpoints"
     _complete_checkpoint(folder, 10)
-    checkpointer = Checkpointer(cfg, None, _placement(0, 1), _FailingEngine(), str(tmp_path / "no-tokenizer"))
+    checkpointer = Checkpointer(cfg, None, _placement(0), _FailingEngine(), str(tmp_path / "no-tokenizer"))
     with pytest.raises(OSError):
         checkpointer.save(20, 20 * 512)
     assert (folder / "latest").read_text().strip() == "iter_0000010"
@@ -125,7 +130,7 @@ def test_a_bad_load_names_the_setting(tmp_path):
     cfg = build_run_config("run 1 gpt2bpe nano 8 0 2 1 none none 10".split(),
                            {"OUTPUT_BASEPATH": str(tmp_path), "LOAD": str(tmp_path / "no-such-run")})
     with pytest.raises(UsageError, match=r"^LOAD: got '.*no-such-run'; allowed: a run folder"):
-        Checkpointer(cfg, None, _placement(0, 1), None, str(tmp_path)).resume()
+        Checkpointer(cfg, None, _placement(0), None, str(tmp_path)).resume()
 
 
 def test_find_checkpoint_accepts_run_checkpoints_and_tag_folders(tmp_path):
