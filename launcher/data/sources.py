@@ -21,6 +21,8 @@ from typing import Iterable, Iterator, Sequence
 from launcher.errors import UsageError
 
 _JSON_SUFFIXES = (".jsonl", ".json")
+# Rows read at a time: a column of a batch is ~10x cheaper per row than a row dict of its own.
+_BATCH_ROWS = 1024
 
 
 def input_kind(path: Path) -> str:
@@ -122,12 +124,11 @@ def _first_line(err: BaseException) -> str:
 def _json_documents(path: Path, key: str, cache_dir: str) -> Iterator[str]:
     problem = f"a row without a string {key!r}"
     try:
-        for row in _stream("json", [path], cache_dir):
-            text = row.get(key)
-            if not isinstance(text, str):
+        for batch in _stream("json", [path], cache_dir).iter(batch_size=_BATCH_ROWS):
+            texts = batch.get(key)
+            if texts is None or not all(isinstance(text, str) for text in texts):
                 break
-            if text:
-                yield text
+            yield from filter(None, texts)
         else:
             return
     except Exception as err:
@@ -140,9 +141,9 @@ def _json_documents(path: Path, key: str, cache_dir: str) -> Iterator[str]:
 
 def _text_documents(files: list[Path], kind: str, cache_dir: str) -> Iterator[str]:
     try:
-        for row in _stream("text", files, cache_dir, sample_by="line" if kind == "tsv" else "document"):
-            if row["text"]:
-                yield row["text"]
+        stream = _stream("text", files, cache_dir, sample_by="line" if kind == "tsv" else "document")
+        for batch in stream.iter(batch_size=_BATCH_ROWS):
+            yield from filter(None, batch["text"])
     except UnicodeDecodeError:
         bad = next((f for f in files if not _is_utf8(f)), files[0])
         raise UsageError(f"{bad} is not UTF-8 text") from None
