@@ -17,6 +17,8 @@ setup(
         "tokenizers>=0.15",
         "safetensors>=0.4",
         "jieba>=0.42",
+        # jieba-rs (Rust) for jiebabpe word splitting, ~10x faster; jieba stays the reference and the fallback.
+        "rjieba>=0.2.2,<0.3",
         "pyyaml>=6.0",
         "numpy>=1.24",
         "tqdm>=4.60",
