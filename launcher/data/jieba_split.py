@@ -51,9 +51,9 @@ def split_pieces(text: str) -> list[str]:
     return _PIECES.split(text)
 
 
-def is_jieba_run(piece: str) -> bool:
-    """Whether a piece of `split_pieces` is a run of jieba's Han class that a segmenter cuts."""
-    return len(piece) > 1 and "\u4e00" <= piece[0] <= "\u9fd5"
+def jieba_runs(pieces: Iterable[str]) -> dict:
+    """The pieces of `split_pieces` that a segmenter cuts (runs of jieba's Han class, 2+ characters), as dict keys."""
+    return dict.fromkeys(p for p in pieces if len(p) > 1 and "\u4e00" <= p[0] <= "\u9fd5")
 
 
 class Segmenter:
@@ -62,26 +62,27 @@ class Segmenter:
     name = ""
 
     def split_texts(self, texts: Sequence[str]) -> list[list[str]]:
+        chain = itertools.chain.from_iterable
         pieces = [_PIECES.split(text) for text in texts]
-        cut = self.cut_runs(list(dict.fromkeys(p for parts in pieces for p in parts[1::2] if len(p) > 1)))
-        out = []
-        for parts in pieces:
-            words: list[str] = []
-            for i, piece in enumerate(parts):
-                if not piece:
-                    continue
-                if i & 1 and len(piece) > 1:  # odd + 2 or more characters: a run of jieba's Han class
-                    words.extend(cut[piece])
-                else:
-                    words.append(piece)
-            out.append(words)
-        return out
+        distinct = dict.fromkeys(chain(pieces))
+        cut = self.cut_runs(list(jieba_runs(distinct)))
+        words_of = {p: cut.get(p) or [p] for p in distinct}  # other pieces are a word each
+        words_of[""] = []
+        return [list(chain(map(words_of.__getitem__, parts))) for parts in pieces]
 
     def split(self, text: str) -> list[str]:
         return self.split_texts([text])[0]
 
     def cut_runs(self, runs: Sequence[str]) -> dict:
         """{run: words} for distinct runs of jieba's Han class, each 2+ characters."""
+        if not runs:
+            return {}
+        segments = (self.joined_words(runs) + " ").split(" \n ")
+        return dict(zip(runs, map(str.split, segments)))  # words hold no whitespace
+
+    def joined_words(self, runs: Sequence[str]) -> str:
+        """The words of `runs` (each 2+ characters of jieba's Han class), each run's followed by "\n",
+        all joined by spaces: "w1 w2 \n w3 \n" for runs [w1w2, w3]."""
         raise NotImplementedError
 
 
@@ -99,8 +100,8 @@ class JiebaSegmenter(Segmenter):
         self.jieba = jieba.Tokenizer()
         self.jieba.initialize()
 
-    def cut_runs(self, runs: Sequence[str]) -> dict:
-        return {run: list(self.jieba.cut(run, HMM=True)) for run in runs}
+    def joined_words(self, runs: Sequence[str]) -> str:
+        return " ".join(itertools.chain.from_iterable((*self.jieba.cut(run, HMM=True), "\n") for run in runs))
 
 
 class _JiebaHMM:
@@ -181,9 +182,9 @@ class RustSegmenter(Segmenter):
         self.hmm = _JiebaHMM()
         self._buffers: dict = {}  # one-character words joined by spaces -> jieba's words joined by spaces
 
-    def cut_runs(self, runs: Sequence[str]) -> dict:
+    def joined_words(self, runs: Sequence[str]) -> str:
         if not runs:
-            return {}
+            return ""
         text = "\n".join(runs) + "\n"
         # One call for all runs: "\n" is not in jieba's Han class, so no word crosses it.
         route = " ".join(self.rust.cut(text, False))
@@ -207,8 +208,7 @@ class RustSegmenter(Segmenter):
         route = "".join(parts)
         if route.replace(" ", "") != text:
             raise RuntimeError("rjieba returned words that do not spell its input")
-        segments = (route + " ").split(" \n ")
-        return {run: words.split(" ") for run, words in zip(runs, segments)}
+        return route
 
 
 _segmenters: dict = {}  # name -> Segmenter, one per process
@@ -266,3 +266,8 @@ def split_iter(texts: Iterable[str], batch: int = 256) -> Iterator[list[str]]:
     texts = iter(texts)
     while chunk := list(itertools.islice(texts, batch)):
         yield from split_texts(chunk)
+
+
+def reset() -> None:
+    """Forget this process's segmenters and their memos (the next use loads the dictionary again)."""
+    _segmenters.clear()

@@ -138,7 +138,7 @@ class Tokenizer:
 
 
 class _PieceEncoder:
-    """jiebabpe's `encode` on a fast segmenter, with the ids of pieces and words memoized.
+    """jiebabpe's `encode` on a fast segmenter, with the ids of pieces and of words memoized.
 
     A text is cut into pieces (jieba_split.split_pieces: runs of jieba's Han class, single other Han
     characters, the non-Han text between), pieces into words. Both repeat a lot (punctuation, common
@@ -147,54 +147,58 @@ class _PieceEncoder:
     a word.
     """
 
-    MEMO_LIMIT = 300_000  # entries in each memo; a memo is emptied past it, bounding a worker's memory
+    MEMO_LIMIT = 300_000  # entries in each memo; both are emptied past it, bounding a worker's memory
     MAX_MEMO_CHARS = 64  # longer pieces (whole English paragraphs, code) are encoded, not kept
 
     def __init__(self, backend, segmenter):
         self.backend, self.segmenter = backend, segmenter
-        self.pieces: dict = {"": []}  # piece -> ids
-        self.words: dict = {}  # word -> ids
+        self.pieces: dict = {"": []}  # piece -> its ids
+        self.words: dict = {}  # word -> its ids
 
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
         from launcher.data.jieba_split import split_pieces
 
+        chain = itertools.chain.from_iterable
         pieces = [split_pieces(text) for text in texts]
-        memo = self.pieces
-        missing = [p for p in dict.fromkeys(itertools.chain.from_iterable(pieces)) if p not in memo]
-        if len(memo) + len(missing) > self.MEMO_LIMIT:
-            memo.clear()
-            memo[""] = []
-            missing = [p for p in dict.fromkeys(itertools.chain.from_iterable(pieces)) if p]
+        missing = [p for p in dict.fromkeys(chain(pieces)) if p not in self.pieces]
+        if len(self.pieces) + len(missing) > self.MEMO_LIMIT or len(self.words) > self.MEMO_LIMIT:
+            self.pieces, self.words = {"": []}, {}
+            missing = [p for p in dict.fromkeys(chain(pieces)) if p]
         if missing:
             self._add(missing)
-        lookup = memo.__getitem__
-        out = [list(itertools.chain.from_iterable(map(lookup, parts))) for parts in pieces]
+        ids_of = self.pieces.__getitem__
+        out = [list(chain(map(ids_of, parts))) for parts in pieces]
         for p in missing:
             if len(p) > self.MAX_MEMO_CHARS:
-                del memo[p]
+                del self.pieces[p]
+                self.words.pop(p, None)  # a word of its own unless a run of Han characters
         return out
 
     def _add(self, missing: list[str]) -> None:
-        """Memoize the ids of new pieces; their new words are encoded in one call."""
-        from launcher.data.jieba_split import is_jieba_run
+        """Memoize the ids of new pieces and words; new words are encoded in one call."""
+        from launcher.data.jieba_split import jieba_runs
 
-        cut = self.segmenter.cut_runs([p for p in missing if is_jieba_run(p)])
-        words = self.words
-        if len(words) > self.MEMO_LIMIT:
-            words.clear()
-        new_words = [w for w in dict.fromkeys(itertools.chain.from_iterable(cut.values())) if w not in words]
-        new_words += [p for p in missing if p not in cut]  # the other pieces are one word each
-        encoding = self.backend.encode(new_words, is_pretokenized=True, add_special_tokens=False)
-        bounds = np.searchsorted(np.asarray(encoding.word_ids, np.int64), np.arange(len(new_words) + 1)).tolist()
-        ids = encoding.ids
-        for i, w in enumerate(new_words):
-            words[w] = ids[bounds[i]:bounds[i + 1]]
-        lookup = words.__getitem__
-        for p in missing:
-            self.pieces[p] = list(itertools.chain.from_iterable(map(lookup, cut[p]))) if p in cut else words[p]
-        for p in missing:
-            if p not in cut and len(p) > self.MAX_MEMO_CHARS:
-                del words[p]
+        runs = jieba_runs(missing)
+        others = [p for p in missing if p not in runs]  # one word each
+        runs = list(runs)
+        # The words of all runs, each run's followed by the word "\n" (one token, never inside a Han word).
+        run_words = self.segmenter.joined_words(runs).split(" ") if runs else []
+        new_words = [w for w in dict.fromkeys(itertools.chain(run_words, others, ["\n"])) if w not in self.words]
+        if new_words:
+            encoding = self.backend.encode(new_words, is_pretokenized=True, add_special_tokens=False)
+            bounds = np.searchsorted(np.asarray(encoding.word_ids, np.int64), np.arange(len(new_words) + 1))
+            self.words.update(zip(new_words, map(encoding.ids.__getitem__,
+                                                 map(slice, bounds[:-1].tolist(), bounds[1:].tolist()))))
+        ids_of = self.words.__getitem__
+        self.pieces.update(zip(others, map(ids_of, others)))
+        if runs:
+            # Each run's ids: cut out of all runs' ids at the "\n" tokens.
+            flat = list(itertools.chain.from_iterable(map(ids_of, run_words)))
+            (newline,) = ids_of("\n")
+            ends = np.flatnonzero(np.asarray(flat) == newline).tolist()
+            if len(ends) != len(runs):
+                raise RuntimeError("a Han word was encoded with the newline token")
+            self.pieces.update(zip(runs, map(flat.__getitem__, map(slice, [0] + [e + 1 for e in ends[:-1]], ends))))
 
 
 def _bpe_trainer(vocab_size: int):
