@@ -193,8 +193,9 @@ class RustSegmenter(Segmenter):
         buffers = self._buffers
         if len(buffers) > _MEMO_LIMIT:
             buffers.clear()
+        parts = _SINGLES.split(route)  # odd items: the buffers
         to_hmm = {}
-        for spaced in set(_SINGLES.findall(route)) - buffers.keys():
+        for spaced in set(parts[1::2]) - buffers.keys():
             joined = spaced.replace(" ", "")
             if self.rust.has_word(joined):
                 buffers[spaced] = spaced
@@ -203,7 +204,6 @@ class RustSegmenter(Segmenter):
         if to_hmm:
             for joined, words in self.hmm.cut(list(to_hmm)).items():
                 buffers[to_hmm[joined]] = words
-        parts = _SINGLES.split(route)  # odd items: the buffers
         parts[1::2] = map(buffers.__getitem__, parts[1::2])
         route = "".join(parts)
         if route.replace(" ", "") != text:

@@ -131,13 +131,11 @@ class _ChunkEncoder:
         self.tokenizer, self.dtype, self.eod = tokenizer, dtype, [tokenizer.eod_id] if append_eod else []
 
     def __call__(self, texts: list[str]):
-        ids = self.tokenizer.encode_texts(texts)
+        flat, lengths = self.tokenizer.encode_flat(texts)
         if self.eod:
-            for doc in ids:
-                doc.append(self.eod[0])
-        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), self.dtype, int(lengths.sum()))
-        return flat, lengths, sum(map(len, map(str.encode, texts)))
+            flat = np.insert(flat, np.cumsum(lengths), self.eod[0])
+            lengths = lengths + 1
+        return flat.astype(self.dtype), lengths, sum(map(len, map(str.encode, texts)))
 
 
 def _share_jieba(workers: int) -> None:

@@ -85,16 +85,30 @@ class Tokenizer:
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` of each text, in this thread (no Rust thread pool: safe before forking workers);
         for jiebabpe much faster than one at a time."""
-        if self.kind != "jiebabpe":
-            return [self.backend.encode(text, add_special_tokens=False).ids for text in texts]
-        encoder = self._jieba_encoder()
-        if encoder is not None:
-            return encoder.encode_texts(texts)
-        from launcher.data.jieba_split import get_segmenter
+        encoder = self._jieba_encoder() if self.kind == "jiebabpe" else None
+        if encoder is None:
+            return [self._encode_one(text) for text in texts]
+        flat, lengths = encoder.encode_flat(texts)
+        flat = flat.tolist()
+        ends = np.cumsum(lengths).tolist()
+        return [flat[end - n:end] for end, n in zip(ends, lengths.tolist())]
 
-        segmenter = get_segmenter("jieba")
-        return [self.backend.encode(segmenter.split(text), is_pretokenized=True, add_special_tokens=False).ids
-                for text in texts]
+    def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of all texts in one int64 array, and each text's number of ids (as `encode_texts`)."""
+        encoder = self._jieba_encoder() if self.kind == "jiebabpe" else None
+        if encoder is not None:
+            return encoder.encode_flat(texts)
+        ids = [self._encode_one(text) for text in texts]
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        return np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(lengths.sum())), lengths
+
+    def _encode_one(self, text: str) -> list[int]:
+        if self.kind != "jiebabpe":
+            return self.backend.encode(text, add_special_tokens=False).ids
+        from launcher.data.jieba_split import get_segmenter  # the reference path: jieba, one text at a time
+
+        words = get_segmenter("jieba").split(text)
+        return self.backend.encode(words, is_pretokenized=True, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encodes in Rust threads (gpt2bpe); jiebabpe is `encode_texts`."""
@@ -137,6 +151,27 @@ class Tokenizer:
         )
 
 
+class _Growing:
+    """A 1-D numpy array that grows at its end (doubling its capacity)."""
+
+    def __init__(self, dtype):
+        self.data, self.size = np.empty(1 << 16, dtype), 0
+
+    def extend(self, values: np.ndarray) -> int:
+        """Append `values`; returns the index of the first."""
+        start, end = self.size, self.size + len(values)
+        if end > len(self.data):
+            grown = np.empty(max(end, 2 * len(self.data)), self.data.dtype)
+            grown[:start] = self.data[:start]
+            self.data = grown
+        self.data[start:end] = values
+        self.size = end
+        return start
+
+    def __getitem__(self, index):
+        return self.data[:self.size][index]
+
+
 class _PieceEncoder:
     """jiebabpe's `encode` on a fast segmenter, with the ids of pieces and of words memoized.
 
@@ -144,35 +179,62 @@ class _PieceEncoder:
     characters, the non-Han text between), pieces into words. Both repeat a lot (punctuation, common
     words and phrases). A piece's ids are those of its words, each encoded alone, which is what
     encoding the text's whole word list gives: byte-level pre-tokenization and BPE never look across
-    a word.
+    a word. Memoized ids are entries (start, length) of one int32 token store, so a batch of texts is
+    gathered from it with numpy, not a Python list at a time.
     """
 
-    MEMO_LIMIT = 300_000  # entries in each memo; both are emptied past it, bounding a worker's memory
+    MEMO_LIMIT = 400_000  # pieces + words; the memos are emptied past it, bounding a worker's memory
+    STORE_LIMIT = 50_000_000  # tokens in the store (200 MB); likewise
     MAX_MEMO_CHARS = 64  # longer pieces (whole English paragraphs, code) are encoded, not kept
 
     def __init__(self, backend, segmenter):
         self.backend, self.segmenter = backend, segmenter
-        self.pieces: dict = {"": []}  # piece -> its ids
-        self.words: dict = {}  # word -> its ids
+        self._empty()
 
-    def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+    def _empty(self) -> None:
+        self.store = _Growing(np.int32)  # the ids of all entries, one after another
+        self.starts, self.lengths = _Growing(np.int64), _Growing(np.int64)  # entry -> its ids in the store
+        self.starts.extend(np.zeros(1, np.int64))
+        self.lengths.extend(np.zeros(1, np.int64))
+        # Runs and words apart: a run's ids are its words' ids, which differ from its own as one word.
+        self.pieces: dict = {"": 0}  # piece -> entry
+        self.words: dict = {}  # word -> entry
+
+    def _add_entries(self, ids: np.ndarray, lengths: np.ndarray) -> range:
+        """New entries: consecutive `lengths` ids each, out of `ids`."""
+        offset = self.store.extend(ids)
+        first = self.starts.extend(offset + np.cumsum(lengths) - lengths)
+        self.lengths.extend(lengths)
+        return range(first, first + len(lengths))
+
+    def _gather(self, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of `entries`, one after another, and each entry's number of ids."""
+        starts, lengths = self.starts[entries], self.lengths[entries]
+        ends = np.cumsum(lengths)
+        positions = np.repeat(starts - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)
+        return self.store[positions], lengths
+
+    def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         from launcher.data.jieba_split import split_pieces
 
         chain = itertools.chain.from_iterable
         pieces = [split_pieces(text) for text in texts]
         missing = [p for p in dict.fromkeys(chain(pieces)) if p not in self.pieces]
-        if len(self.pieces) + len(missing) > self.MEMO_LIMIT or len(self.words) > self.MEMO_LIMIT:
-            self.pieces, self.words = {"": []}, {}
+        if (len(self.pieces) + len(self.words) + 2 * len(missing) > self.MEMO_LIMIT
+                or self.store.size > self.STORE_LIMIT):
+            self._empty()
             missing = [p for p in dict.fromkeys(chain(pieces)) if p]
         if missing:
             self._add(missing)
-        ids_of = self.pieces.__getitem__
-        out = [list(chain(map(ids_of, parts))) for parts in pieces]
+        entries = np.fromiter(map(self.pieces.__getitem__, chain(pieces)), np.int64)
+        flat, piece_lengths = self._gather(entries)
+        per_text = np.fromiter(map(len, pieces), np.int64, len(pieces))  # every text has a piece, maybe ""
+        lengths = np.add.reduceat(piece_lengths, np.cumsum(per_text) - per_text) if len(texts) else per_text
         for p in missing:
             if len(p) > self.MAX_MEMO_CHARS:
                 del self.pieces[p]
                 self.words.pop(p, None)  # a word of its own unless a run of Han characters
-        return out
+        return flat.astype(np.int64), lengths
 
     def _add(self, missing: list[str]) -> None:
         """Memoize the ids of new pieces and words; new words are encoded in one call."""
@@ -181,24 +243,23 @@ class _PieceEncoder:
         runs = jieba_runs(missing)
         others = [p for p in missing if p not in runs]  # one word each
         runs = list(runs)
-        # The words of all runs, each run's followed by the word "\n" (one token, never inside a Han word).
+        # The words of all runs, each run's followed by the word "\n".
         run_words = self.segmenter.joined_words(runs).split(" ") if runs else []
         new_words = [w for w in dict.fromkeys(itertools.chain(run_words, others, ["\n"])) if w not in self.words]
         if new_words:
             encoding = self.backend.encode(new_words, is_pretokenized=True, add_special_tokens=False)
-            bounds = np.searchsorted(np.asarray(encoding.word_ids, np.int64), np.arange(len(new_words) + 1))
-            self.words.update(zip(new_words, map(encoding.ids.__getitem__,
-                                                 map(slice, bounds[:-1].tolist(), bounds[1:].tolist()))))
-        ids_of = self.words.__getitem__
-        self.pieces.update(zip(others, map(ids_of, others)))
+            per_word = np.bincount(np.asarray(encoding.word_ids, np.int64), minlength=len(new_words))
+            self.words.update(zip(new_words, self._add_entries(np.asarray(encoding.ids, np.int32), per_word)))
+        self.pieces.update(zip(others, map(self.words.__getitem__, others)))
         if runs:
-            # Each run's ids: cut out of all runs' ids at the "\n" tokens.
-            flat = list(itertools.chain.from_iterable(map(ids_of, run_words)))
-            (newline,) = ids_of("\n")
-            ends = np.flatnonzero(np.asarray(flat) == newline).tolist()
-            if len(ends) != len(runs):
-                raise RuntimeError("a Han word was encoded with the newline token")
-            self.pieces.update(zip(runs, map(flat.__getitem__, map(slice, [0] + [e + 1 for e in ends[:-1]], ends))))
+            words = np.fromiter(map(self.words.__getitem__, run_words), np.int64, len(run_words))
+            newline = words == self.words["\n"]
+            if newline.sum() != len(runs) or not newline[-1]:
+                raise RuntimeError("the segmenter's words do not split into its runs")
+            ids, lengths = self._gather(words[~newline])
+            run_of_word = np.cumsum(newline)[~newline]  # runs before each word's = its run's index
+            per_run = np.bincount(run_of_word, weights=lengths, minlength=len(runs)).astype(np.int64)
+            self.pieces.update(zip(runs, self._add_entries(ids, per_run)))
 
 
 def _bpe_trainer(vocab_size: int):
