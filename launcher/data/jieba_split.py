@@ -9,8 +9,8 @@ the input exactly, which is what makes the tokenizer's round trip exact.
 Two segmenters produce these words, identically:
 
 - `jieba`: the reference, jieba's own `Tokenizer.cut` on each run (pure Python).
-- `rjieba`: about 10x faster. jieba-rs (the `rjieba` binding, Rust) finds the most probable
-  dictionary route, and jieba's HMM step runs here, batched in numpy, with jieba's own
+- `rjieba`: about 10x faster. jieba-rs (the `rjieba` binding, Rust), holding jieba's own dictionary
+  and total, finds the most probable dictionary route, and jieba's HMM step runs here, batched in numpy, with jieba's own
   probabilities and jieba's tie-breaking. jieba-rs's own HMM is not used: its model is
   jieba's rounded to 6 decimals, which flips near ties ("常在人寰"). HMM results are
   memoized per process.
@@ -24,7 +24,8 @@ import itertools
 import logging
 import os
 import re
-from collections import defaultdict
+from collections import defaultdict, deque
+from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from launcher.errors import UsageError
@@ -35,6 +36,7 @@ _HAN_RUN = re.compile(f"[{_HAN_CLASS}]+")
 # jieba's Han class, the only characters its dictionary and HMM see.
 _JIEBA_FIRST, _JIEBA_LAST = 0x4E00, 0x9FD5
 # Odd items of .split(): a run of jieba's Han class, or one other Han character; even items: the rest.
+_JIEBA_RUN = re.compile("[\u4e00-\u9fd5]+")
 _PIECES = re.compile("([\u4e00-\u9fd5]+|[\u3400-\u4dbf\u9fd6-\u9fff\uf900-\ufaff\U00020000-\U0003ffff])")
 
 SEGMENTERS = ("auto", "rjieba", "jieba")
@@ -170,15 +172,44 @@ class _JiebaHMM:
 _SINGLES = re.compile(r"((?<![^ ])[^ \n](?: [^ \n](?![^ ]))+)")
 
 
+def _jieba_dictionary() -> tuple[dict, int]:
+    """jieba's default dictionary as jieba reads it: {word: frequency} (a later line wins) and the total,
+    which counts every line (so a word listed twice counts twice)."""
+    import jieba
+
+    lines = Path(jieba.__file__).with_name("dict.txt").read_text("utf-8").splitlines()
+    fields = " ".join(lines).split(" ")
+    if len(fields) == 3 * len(lines):  # word, frequency, part of speech on every line: split in one go
+        frequencies = list(map(int, fields[1::3]))
+        return dict(zip(fields[0::3], frequencies)), sum(frequencies)
+    frequencies, total = {}, 0
+    for line in lines:
+        word, frequency = line.strip().split(" ")[:2]
+        frequencies[word] = int(frequency)
+        total += int(frequency)
+    return frequencies, total
+
+
 class RustSegmenter(Segmenter):
-    """jieba-rs's dictionary route + jieba's HMM (see the module docstring); ~0.3 s to load."""
+    """jieba-rs's dictionary route + jieba's HMM (see the module docstring); ~0.6 s to load."""
 
     name = "rjieba"
 
     def __init__(self):
         import rjieba
 
-        self.rust = rjieba.Jieba()  # a private instance, like the reference's
+        # A private instance holding jieba's own dictionary, not the copy built into jieba-rs, and jieba's
+        # total: jieba-rs's counts a word listed twice once, and every route score is log(frequency / total).
+        self.rust = rjieba.Jieba.empty()
+        frequencies, total = _jieba_dictionary()
+        # jieba leaves words of frequency 0 out of its routes.
+        added = {w: f for w, f in frequencies.items() if f} if 0 in frequencies.values() else frequencies
+        deque(map(self.rust.add_word, added, added.values(), itertools.repeat(None)), maxlen=0)
+        missing = total - sum(frequencies.values())
+        if missing:
+            # Added to a word with a character outside jieba's Han class: one no run can contain.
+            inert = next(w for w, f in frequencies.items() if f and not _JIEBA_RUN.fullmatch(w))
+            self.rust.add_word(inert, frequencies[inert] + missing, None)
         self.hmm = _JiebaHMM()
         self._buffers: dict = {}  # one-character words joined by spaces -> jieba's words joined by spaces
 
