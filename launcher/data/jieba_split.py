@@ -41,8 +41,9 @@ _PIECES = re.compile("([\u4e00-\u9fd5]+|[\u3400-\u4dbf\u9fd6-\u9fff\uf900-\ufaff
 
 SEGMENTERS = ("auto", "rjieba", "jieba")
 ENV_VAR = "JIEBABPE_SEGMENTER"
-# rjieba versions whose dictionary route was checked against jieba 0.42.1 (see tests/data/test_jieba_split.py).
-_RJIEBA_VERIFIED = ("0.2.",)
+# rjieba versions whose dictionary route was checked against jieba 0.42.1 (tests/data/test_jieba_split.py):
+# at least the first, below the second; setup.py asks for the same range.
+_RJIEBA_VERIFIED = ((0, 2, 2), (0, 3, 0))
 # Memo size (entries) before it is emptied: bounds a worker's memory on any corpus.
 _MEMO_LIMIT = 300_000
 
@@ -246,14 +247,15 @@ _segmenters: dict = {}  # name -> Segmenter, one per process
 
 
 def rjieba_available() -> bool:
-    """Whether a verified rjieba is installed (other versions are not trusted to give jieba's words)."""
+    """Whether an rjieba of a verified version is installed (others are not trusted to give jieba's routes)."""
     from importlib import metadata
 
     try:
         version = metadata.version("rjieba")
     except metadata.PackageNotFoundError:
         return False
-    return version.startswith(_RJIEBA_VERIFIED)
+    numbers = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    return bool(numbers) and _RJIEBA_VERIFIED[0] <= tuple(map(int, numbers.groups())) < _RJIEBA_VERIFIED[1]
 
 
 def resolve(name: str | None = None) -> str:
@@ -264,8 +266,9 @@ def resolve(name: str | None = None) -> str:
     if name == "auto":
         return "rjieba" if rjieba_available() else "jieba"
     if name == "rjieba" and not rjieba_available():
-        raise UsageError(f"{ENV_VAR}=rjieba but no verified rjieba ({' '.join(v + 'x' for v in _RJIEBA_VERIFIED)}) "
-                         "is installed: pip install 'rjieba>=0.2.2,<0.3', or use jieba")
+        low, high = (".".join(map(str, v)) for v in _RJIEBA_VERIFIED)
+        raise UsageError(f"{ENV_VAR}=rjieba but no verified rjieba is installed: pip install "
+                         f"'rjieba>={low},<{high}', or use {ENV_VAR}=jieba")
     return name
 
 

@@ -265,6 +265,10 @@ def preprocess(inputs: Sequence, output_prefix, tokenizer_kind: str | None = Non
             train_seconds = time.perf_counter() - start
             staged = final_dir.with_name(f"{final_dir.name}.tmp-{os.getpid()}")
 
+    if tokenizer.kind == "jiebabpe":
+        from launcher.data import jieba_split
+
+        jieba_split.resolve()  # a bad JIEBABPE_SEGMENTER stops us before anything is written
     created = _make_dirs(prefix.parent)
     published = False
     try:

@@ -184,7 +184,7 @@ class _PieceEncoder:
     """
 
     MEMO_LIMIT = 400_000  # pieces + words; the memos are emptied past it, bounding a worker's memory
-    STORE_LIMIT = 50_000_000  # tokens in the store (200 MB); likewise
+    STORE_LIMIT = 10_000_000  # tokens in the store (40 MB); likewise
     MAX_MEMO_CHARS = 64  # longer pieces (whole English paragraphs, code) are encoded, not kept
 
     def __init__(self, backend, segmenter):

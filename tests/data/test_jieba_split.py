@@ -212,3 +212,17 @@ def test_auto_falls_back_to_jieba_and_bad_names_are_refused(monkeypatch, zh_toke
     monkeypatch.setenv(jieba_split.ENV_VAR, "pkuseg")
     with pytest.raises(UsageError, match="JIEBABPE_SEGMENTER='pkuseg' is not one of auto, rjieba, jieba"):
         jieba_split.resolve()
+
+
+def test_bad_segmenter_is_one_line_exit_2_nothing_written(monkeypatch, tmp_path, capsys, zh_tokenizer):
+    from launcher import preprocess as cli
+
+    (tmp_path / "zh.txt").write_text("明月几时有", encoding="utf-8")
+    monkeypatch.setenv(jieba_split.ENV_VAR, "pkuseg")
+    for tokenizer in (["--tokenizer-type", "jiebabpe", "--vocab-size", "300"], ["--tokenizer", str(zh_tokenizer)]):
+        before = sorted(tmp_path.rglob("*"))
+        code = cli.main(["--input", str(tmp_path / "zh.txt"), "--output-prefix", str(tmp_path / "out" / "zh"),
+                         *tokenizer])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "JIEBABPE_SEGMENTER='pkuseg' is not one of" in err, err
+        assert sorted(tmp_path.rglob("*")) == before
