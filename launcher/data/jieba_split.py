@@ -9,11 +9,11 @@ the input exactly, which is what makes the tokenizer's round trip exact.
 Two segmenters produce these words, identically:
 
 - `jieba`: the reference, jieba's own `Tokenizer.cut` on each run (pure Python).
-- `rjieba`: about 10x faster. jieba-rs (the `rjieba` binding, Rust), holding jieba's own dictionary
-  and total, finds the most probable dictionary route, and jieba's HMM step runs here, batched in numpy, with jieba's own
-  probabilities and jieba's tie-breaking. jieba-rs's own HMM is not used: its model is
-  jieba's rounded to 6 decimals, which flips near ties ("常在人寰"). HMM results are
-  memoized per process.
+- `rjieba`: about 10x faster. jieba-rs (the `rjieba` binding, Rust), holding jieba's own
+  dictionary and total, finds the most probable dictionary route; jieba's HMM step runs here,
+  batched in numpy, with jieba's own probabilities and tie-breaking. jieba-rs's own HMM is not
+  used: its model is jieba's rounded to 6 decimals, which flips near ties ("常在人寰"). HMM
+  results are memoized per process.
 
 Both hand jieba only the characters of its Han class (U+4E00..U+9FD5); every other Han
 character (extensions A-H, compatibility ideographs, U+9FD6..U+9FFF) is a word alone, as
@@ -30,13 +30,11 @@ from typing import Iterable, Iterator, Sequence
 
 from launcher.errors import UsageError
 
-# CJK Unified Ideographs, Extension A, compatibility ideographs, and Extensions B-H (planes 2-3).
-_HAN_CLASS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003ffff"
-_HAN_RUN = re.compile(f"[{_HAN_CLASS}]+")
 # jieba's Han class, the only characters its dictionary and HMM see.
 _JIEBA_FIRST, _JIEBA_LAST = 0x4E00, 0x9FD5
-# Odd items of .split(): a run of jieba's Han class, or one other Han character; even items: the rest.
 _JIEBA_RUN = re.compile("[\u4e00-\u9fd5]+")
+# Han characters are CJK Unified Ideographs, Extension A, compatibility ideographs and Extensions B-H
+# (planes 2-3). Odd items of .split(): a run of jieba's Han class, or one other Han character; even: the rest.
 _PIECES = re.compile("([\u4e00-\u9fd5]+|[\u3400-\u4dbf\u9fd6-\u9fff\uf900-\ufaff\U00020000-\U0003ffff])")
 
 SEGMENTERS = ("auto", "rjieba", "jieba")
@@ -44,7 +42,7 @@ ENV_VAR = "JIEBABPE_SEGMENTER"
 # rjieba versions whose dictionary route was checked against jieba 0.42.1 (tests/data/test_jieba_split.py):
 # at least the first, below the second; setup.py asks for the same range.
 _RJIEBA_VERIFIED = ((0, 2, 2), (0, 3, 0))
-# Memo size (entries) before it is emptied: bounds a worker's memory on any corpus.
+# HMM memo size (entries) before it is emptied: bounds a worker's memory on any corpus.
 _MEMO_LIMIT = 300_000
 
 
@@ -55,12 +53,12 @@ def split_pieces(text: str) -> list[str]:
 
 
 def jieba_runs(pieces: Iterable[str]) -> dict:
-    """The pieces of `split_pieces` that a segmenter cuts (runs of jieba's Han class, 2+ characters), as dict keys."""
+    """The pieces of `split_pieces` a segmenter cuts (runs of jieba's Han class, 2+ characters), as dict keys."""
     return dict.fromkeys(p for p in pieces if len(p) > 1 and "\u4e00" <= p[0] <= "\u9fd5")
 
 
 class Segmenter:
-    """Texts -> word lists. Subclasses cut runs of jieba's Han class (2+ characters) in `cut_runs`."""
+    """Texts -> word lists. Subclasses cut runs of jieba's Han class (2+ characters) in `joined_words`."""
 
     name = ""
 
@@ -84,8 +82,8 @@ class Segmenter:
         return dict(zip(runs, map(str.split, segments)))  # words hold no whitespace
 
     def joined_words(self, runs: Sequence[str]) -> str:
-        """The words of `runs` (each 2+ characters of jieba's Han class), each run's followed by "\n",
-        all joined by spaces: "w1 w2 \n w3 \n" for runs [w1w2, w3]."""
+        """The words of `runs` (each 2+ characters of jieba's Han class), each run's followed by a newline,
+        all joined by spaces: "w1 w2 \\n w3 \\n" for runs [w1w2, w3]."""
         raise NotImplementedError
 
 

@@ -46,7 +46,8 @@ def generated_texts(n: int, seed: int, mixed: bool = False) -> list[str]:
     import jieba
 
     rng = random.Random(seed)
-    entries = [line.split(" ")[:2] for line in Path(jieba.__file__).with_name("dict.txt").read_text("utf-8").splitlines()]
+    lines = Path(jieba.__file__).with_name("dict.txt").read_text("utf-8").splitlines()
+    entries = [line.split(" ")[:2] for line in lines]
     entries.sort(key=lambda e: -int(e[1]))
     words = [w for w, _ in entries[:4000]] + rng.sample([w for w, _ in entries[4000:]], 4000)
     chars = [w for w in words if len(w) == 1] + [chr(rng.randint(0x4E00, 0x9FD5)) for _ in range(500)]
