@@ -275,6 +275,7 @@ def test_lm_eval_on_a_nano_model_agrees_with_our_scores(byte_tokenizer, task_fil
     _write(folder / "qa.jsonl", [{"question": "2 + 2", "good": " 4", "bad": " 5"}] * 3)
     (folder / "mine.yaml").write_text(
         f"task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'qa.jsonl'}\n"
+        f"  cache_dir: {tmp_path / 'datasets'}\n"  # not ~/.cache
         "output_type: multiple_choice\ntest_split: test\ndoc_to_text: 'Q: {{question}}'\n"
         "doc_to_choice: '{{[good, bad]}}'\ndoc_to_target: 0\nmetric_list:\n  - metric: acc\n")
     theirs = run_lm_eval(model, byte_tokenizer, task_files, include_path=folder, task_names=["mine"], batch_size=4)
