@@ -19,6 +19,9 @@ Nothing is unpickled with code: our own files are JSON; DeepSpeed's `.pt` files 
 (its checkpoint engine's `load` is replaced) and by `load_for_inference`. Before loading, `verify_checkpoint`
 checks what the engine will read: every file present at the size it was written, each pickle free of
 anything but data, the model of the same shape, the layout one the engine can load.
+
+A checkpoint of another layout (processes, EP size, ZeRO stage) loads its weights through DeepSpeed (module
+only) and its optimizer state through launcher.training.reshard.
 """
 from __future__ import annotations
 
@@ -121,7 +124,8 @@ class Layout:
 
     def describe(self) -> str:
         sp = f", SP {self.sp_size}" if self.sp_size > 1 else ""
-        return f"{self.world_size} processes, EP {self.ep_size}{sp}, ZeRO {self.zero_stage}, {self.precision}"
+        processes = f"{self.world_size} process{'es' if self.world_size != 1 else ''}"
+        return f"{processes}, EP {self.ep_size}{sp}, ZeRO {self.zero_stage}, {self.precision}"
 
 
 def read_json(path: Path) -> dict:
@@ -184,10 +188,13 @@ def check_same_model(tag_dir: Path, run_mcfg: GPTMoEConfig) -> None:
 
 
 def check_layout(tag_dir: Path, saved: Layout, now: Layout) -> None:
-    """Loading needs the same layout: DeepSpeed's optimizer files are per rank and per expert-parallel rank."""
-    if saved != now:
-        raise UsageError(f"checkpoint {tag_dir}: written by {saved.describe()}; this run has {now.describe()}; "
-                         "resume with the same processes, EP_SIZE, ZERO and PRECISION")
+    """Another layout loads through launcher.training.reshard, within what it supports."""
+    from launcher.training.reshard import reshard_refusal
+
+    refusal = reshard_refusal(saved, now)
+    if refusal:
+        raise UsageError(f"checkpoint {tag_dir}: written by {saved.describe()}; this run has {now.describe()}: "
+                         f"{refusal}")
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -413,11 +420,23 @@ class Checkpointer:
 
     def _load(self, folder: Path, tag: str, iteration: int) -> None:
         tag_dir = folder / tag
-        path, _ = self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+        saved = Layout.of_checkpoint(tag_dir, read_trainer_state(tag_dir))
+        same = saved == Layout.of_run(self.cfg)
+        path, client = self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=same,
+                                                   load_module_only=not same, load_lr_scheduler_states=False)
         if path is None:
             raise UsageError(f"checkpoint {tag_dir}: DeepSpeed found nothing to load in it")
-        rng = read_rng_states(tag_dir, self.placement.rank)
+        if not same:  # the weights are in (every expert by its global id); the optimizer state is re-partitioned
+            from launcher.training.reshard import SavedOptimizerState, install
+
+            install(self.engine, SavedOptimizerState(tag_dir, saved, self.engine.module))
+            for key in ("global_steps", "global_samples", "skipped_steps"):
+                if key in client:
+                    setattr(self.engine, key, client[key])
+            if self.placement.is_main:
+                print(f"resharded checkpoint {tag_dir}: written by {saved.describe()}, loaded into "
+                      f"{Layout.of_run(self.cfg).describe()}", flush=True)
+        rng = read_rng_states(tag_dir, self.placement.rank) if same else None
         if rng is not None:
             _set_rng_states(rng)
         else:  # RNG streams cannot continue; make the new ones at least reproducible

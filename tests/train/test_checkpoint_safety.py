@@ -216,7 +216,10 @@ def test_a_bad_load_is_one_line(reference_run, tiny_corpus, tmp_path, case):
     ("run 2 gpt2bpe nano 8 2 2 1 none none 3", {}, r"router_type top1 \(checkpoint\) vs top2"),
     ("run 2 gpt2bpe tiny 8 0 2 1 none none 3", {}, r"num_layers 2 \(checkpoint\) vs 4.*hidden_size 64"),
     ("run 2 gpt2bpe nano none 0 2 1 none none 3", {}, r"experts_per_moe_layer \[8\] \(checkpoint\) vs \[\]"),
-    ("run 2 gpt2bpe nano 8 0 2 1 none z1 3", {}, r"ZeRO 0, fp32; this run has 2 processes, EP 2, ZeRO 1"),
+    ("run 2 gpt2bpe nano 8 0 2 1 none z1 3", {"PRECISION": "bf16"},
+     r"ZeRO 0, fp32; this run has 2 processes, EP 2, ZeRO 1, bf16: written in fp32, this run is bf16; resume "
+     r"with PRECISION=fp32 \(processes, EP_SIZE and ZERO may change\)"),
+    ("run 2 gpt2bpe nano 8 0 2 2 none none 3", {}, r"with sequence parallelism \(SP > 1\) a run resumes only"),
 ])
 def test_a_load_of_another_model_or_layout_names_what_differs(reference_run, tiny_corpus, tmp_path, positional,
                                                               env, differs):
