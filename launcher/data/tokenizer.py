@@ -17,7 +17,7 @@ import itertools
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -74,7 +74,8 @@ class Tokenizer:
         if name == "jieba":
             return None
         if name not in self._piece_encoders:
-            self._piece_encoders[name] = _PieceEncoder(self.backend, jieba_split.get_segmenter(name))
+            # The dictionary loads on the first Chinese text, not for text without any.
+            self._piece_encoders[name] = _PieceEncoder(self.backend, lambda: jieba_split.get_segmenter(name))
         return self._piece_encoders[name]
 
     def encode(self, text: str) -> list[int]:
@@ -187,8 +188,8 @@ class _PieceEncoder:
     STORE_LIMIT = 10_000_000  # tokens in the store (40 MB); likewise
     MAX_MEMO_CHARS = 64  # longer pieces (whole English paragraphs, code) are encoded, not kept
 
-    def __init__(self, backend, segmenter):
-        self.backend, self.segmenter = backend, segmenter
+    def __init__(self, backend, get_segmenter: Callable):
+        self.backend, self.get_segmenter = backend, get_segmenter
         self._empty()
 
     def _empty(self) -> None:
@@ -244,7 +245,7 @@ class _PieceEncoder:
         others = [p for p in missing if p not in runs]  # one word each
         runs = list(runs)
         # The words of all runs, each run's followed by the word "\n".
-        run_words = self.segmenter.joined_words(runs).split(" ") if runs else []
+        run_words = self.get_segmenter().joined_words(runs).split(" ") if runs else []
         new_words = [w for w in dict.fromkeys(itertools.chain(run_words, others, ["\n"])) if w not in self.words]
         if new_words:
             encoding = self.backend.encode(new_words, is_pretokenized=True, add_special_tokens=False)

@@ -227,3 +227,12 @@ def test_bad_segmenter_is_one_line_exit_2_nothing_written(monkeypatch, tmp_path,
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and "JIEBABPE_SEGMENTER='pkuseg' is not one of" in err, err
         assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_text_without_chinese_loads_no_dictionary(monkeypatch, zh_tokenizer):
+    monkeypatch.setenv(jieba_split.ENV_VAR, "rjieba")
+    monkeypatch.setattr(jieba_split, "_segmenters", {})
+    tok = load_tokenizer(zh_tokenizer)
+    assert tok.decode(tok.encode("def f(x):\n    return x  # 🙂")) == "def f(x):\n    return x  # 🙂"
+    assert jieba_split._segmenters == {}
+    assert tok.decode(tok.encode("明月几时有")) == "明月几时有" and list(jieba_split._segmenters) == ["rjieba"]
