@@ -21,13 +21,13 @@ def _name_the_cpu_accelerator() -> None:
 
 _name_the_cpu_accelerator()
 
-from launcher.cli import USAGE, build_run_config
+from launcher.cli import USAGE, resolve_settings
 from launcher.config import RunConfig
 from launcher.cluster import format_command, launch_command, run_torchrun
 from launcher.ds_config import build_ds_config, check_ds_config
 from launcher.dryrun import summary
 from launcher.errors import UsageError
-from launcher.files import write_json_atomic
+from launcher.files import write_json_atomic, write_text_atomic
 from launcher.preflight import check_inputs
 from model.config import GPTMoEConfig
 
@@ -52,15 +52,17 @@ def tokenizer_vocab_size(cfg: RunConfig) -> int | None:
     return load_tokenizer(str(path), kind=cfg.tokenizer).vocab_size
 
 
-def resolve(argv: list[str], env) -> tuple[RunConfig, GPTMoEConfig, dict]:
-    """Everything validated, cheapest first; the corpus is built (run mode) only once all else is known good."""
-    cfg = build_run_config(argv, env)
+def resolve(argv: list[str], env) -> tuple[RunConfig, GPTMoEConfig, dict, dict[str, str]]:
+    """(run config, model config, DeepSpeed config, where each given setting came from): everything validated,
+    cheapest first; the corpus is built (run mode) only once all else is known good."""
+    settings, origins = resolve_settings(argv, env)
+    cfg = RunConfig.from_settings(settings)
     ds = build_ds_config(cfg)
     check_ds_config(ds)
     check_inputs(cfg)
     if cfg.mode == "run":
         prepare_data(cfg)
-    return cfg, cfg.model_config(tokenizer_vocab_size(cfg)), ds
+    return cfg, cfg.model_config(tokenizer_vocab_size(cfg)), ds, origins
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     try:
-        cfg, mcfg, ds = resolve(argv, os.environ)
+        cfg, mcfg, ds, origins = resolve(argv, os.environ)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -78,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     command, env = launch_command(cfg, ["--run-config", str(run_config_path)])
     # Everything is validated above: only now is anything written.
     cfg.save(run_config_path)
+    write_text_atomic(cfg.to_yaml(given=origins), cfg.run_dir / "run_config.yaml")
     write_json_atomic(ds, ds_path)
-    print(summary(cfg, mcfg, str(ds_path), format_command(command, env)), flush=True)
+    print(summary(cfg, mcfg, str(ds_path), format_command(command, env), origins), flush=True)
     if cfg.mode == "dryrun":
         return 0
     env = {**os.environ, **env}

@@ -1,14 +1,18 @@
-"""Positional arguments + `--flags` + environment -> one RunConfig.
+"""Positional arguments + `--flags` + a run file + environment -> one RunConfig.
 
 Every setting, run or model, has a flag: its name with dashes (`--lr`, `--router-jitter`), or for a model
 setting Megatron-LM's name where it has one (`--num-attention-heads`; see `launcher.config.MODEL_FLAG_NAMES`).
-Precedence, lowest first: size-table defaults, environment, positional arguments and flags on the line.
+`--config FILE` reads settings from a YAML file by the same names (`hidden-size: 1024`); positional arguments
+it gives may then be left off the line, from the right.
+Precedence, lowest first: size-table defaults, the run file, environment, positional arguments and flags on
+the line. `resolve_settings` also says where each setting came from, for dryrun to show.
 """
 from __future__ import annotations
 
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from launcher.cluster import discover_cluster
 from launcher.config import (ENVIRONMENT, MODEL_FLAG_NAMES, POSITIONAL, RUN_FIELDS, SETTING_ALIASES, ZERO_ALIASES,
@@ -36,6 +40,8 @@ environment: WORLD_SIZE (nodes) RANK (node rank) MASTER_ADDR MASTER_PORT SEQ_LEN
              TRAIN_TOKENS WARMUP_TOKENS GLOBAL_BATCH_SIZE EP_SIZE PRECISION LOAD OFFLOAD
 flags:       any run or model setting as --name value, e.g. --lr 3e-4 --seq-len 1024 --hidden-size 1024
              --num-layers 8 --num-attention-heads 16 --ffn-hidden-size 4096 --router-jitter 0.01 --no-drop-tokens
+run file:    --config run.yaml: settings by flag name (lr: 3.0e-4); the line and the environment win over it.
+             dryrun writes RUN_DIR/run_config.yaml; `run --config RUN_DIR/run_config.yaml` repeats that run
 example:     bash examples/megatron/dlc_run_pretrain_megatron_gpt.sh run 1 jiebabpe 0.125B 8 0 1 1 sel none 10000"""
 
 # Settings only a positional argument sets.
@@ -70,17 +76,26 @@ def _experts(name: str, text: str) -> int | list[int]:
     return _int(name, text)
 
 
-def parse_positional(args: Sequence[str]) -> dict:
-    """The positional arguments -> settings (choices are checked by RunConfig and GPTMoEConfig)."""
-    a = dict(zip(POSITIONAL, args))
+def _router(name: str, text: str) -> RouterKind:
     try:
-        router = RouterKind.from_rt(a["RT"])  # the one place the RT digit is read
+        return RouterKind.from_rt(text)  # the one place the RT digit is read
     except ConfigError as exc:
-        raise UsageError(f"RT: got {a['RT']!r}; allowed: {exc.allowed}") from None
-    return dict(mode=a["MODE"], gpus_per_node=_int("GPUS_PER_NODE", a["GPUS_PER_NODE"]), tokenizer=a["TOKENIZER"],
-                model_size=a["MODEL_SIZE"], num_experts=_experts("MOE", a["MOE"]), router_type=router,
-                micro_batch=_int("BATCH_SIZE", a["BATCH_SIZE"]), sp_size=_int("SP", a["SP"]), recompute=a["AC"],
-                zero_stage=_zero_stage("ZERO", a["ZERO"]), save_interval=_int("SAVE_INTERVAL", a["SAVE_INTERVAL"]))
+        raise UsageError(f"{name}: got {text!r}; allowed: {exc.allowed}") from None
+
+
+_POSITIONAL_PARSERS = {"MODE": str, "GPUS_PER_NODE": _int, "TOKENIZER": str, "MODEL_SIZE": str, "MOE": _experts,
+                       "RT": _router, "BATCH_SIZE": _int, "SP": _int, "AC": str, "ZERO": _zero_stage,
+                       "SAVE_INTERVAL": _int}
+
+
+def parse_positional(args: Sequence[str]) -> dict:
+    """The positional arguments given (all 11, or the first few when a run file gives the rest) -> settings.
+    Choices are checked by RunConfig and GPTMoEConfig."""
+    out = {}
+    for (name, setting), text in zip(POSITIONAL.items(), args):
+        parse = _POSITIONAL_PARSERS[name]
+        out[setting] = text if parse is str else parse(name, text)
+    return out
 
 
 def _plain(t):
@@ -101,8 +116,11 @@ SETTING_TYPES = _setting_types()
 FLAGS = {**{MODEL_FLAG_NAMES.get(s, s): s for s in SETTING_TYPES if s not in _NOT_FLAGS}, **SETTING_ALIASES}
 
 
-def convert(setting: str, name: str, text: str):
-    """A setting's value from its text; `name` is how errors call it."""
+def convert(setting: str, name: str, value):
+    """A setting's value from its text (line, environment) or from a YAML value; `name` is how errors call it."""
+    if not isinstance(value, str):
+        return _from_yaml(setting, name, value)
+    text = value
     if setting == "num_experts":
         return _experts(name, text)
     if setting == "zero_stage":
@@ -130,6 +148,30 @@ def convert(setting: str, name: str, text: str):
         except ValueError:
             raise UsageError(f"{name}: got {text!r}; allowed: a number") from None
     return text
+
+
+def _from_yaml(setting: str, name: str, value):
+    """A value YAML has typed already: check it has the setting's type (ranges are RunConfig's business)."""
+    typ = SETTING_TYPES[setting]
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if setting == "num_experts" and (is_int or (isinstance(value, list) and value
+                                                and all(isinstance(v, int) and not isinstance(v, bool)
+                                                        for v in value))):
+        return value
+    if setting == "zero_stage" and is_int:
+        return _zero_stage(name, str(value))
+    if typ is bool and isinstance(value, bool):
+        return value
+    if typ is int and is_int:
+        return value
+    if typ is float and (is_int or isinstance(value, float)):
+        return float(value)
+    if typ is str and (is_int or isinstance(value, float)):
+        return str(value)  # `model-size: 13B` is a string, `split: 98` a number
+    if isinstance(value, (bool, int, float)):
+        return convert(setting, name, str(value).lower() if isinstance(value, bool) else str(value))
+    kind = {"num_experts": "an expert count or a list of counts", "zero_stage": "0 | 1 | 2"}.get(setting)
+    raise UsageError(f"{name}: got {value!r}; allowed: {kind or 'a single value'}")
 
 
 def setting_for_flag(name: str) -> str:
@@ -179,14 +221,78 @@ def parse_env(env: Mapping[str, str]) -> dict:
     return out
 
 
+def read_run_file(path: str) -> dict:
+    """`--config FILE`: a YAML mapping of settings by flag name (`hidden-size: 1024`, `num_layers: 8`)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config: got {path!r}; allowed: a YAML file of settings by flag name (lr: 3.0e-4)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UsageError(f"{path}: not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: got a {type(data).__name__}; allowed: a mapping of settings by flag name "
+                         "(lr: 3.0e-4)")
+    out = {}
+    for key, value in data.items():
+        setting = FLAGS.get(str(key).replace("-", "_"))
+        if setting is None:
+            settable = sorted(flag_name(s)[2:] for s in SETTING_TYPES if s not in _NOT_FLAGS)
+            raise UsageError(f"{path}: unknown setting {key!r}; allowed: {', '.join(settable)}")
+        if value is not None:  # `key:` with no value: the default
+            out[setting] = convert(setting, f"{path}: {key}", value)
+    return out
+
+
+def _split_line(argv: Sequence[str]) -> tuple[list[str], list[str], str | None]:
+    """(positional arguments, flags, --config FILE) of a launch line."""
+    n = 0
+    while n < min(len(argv), len(POSITIONAL)) and not argv[n].startswith("--"):
+        n += 1
+    flags, run_file, i = [], None, n
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name == "--config":
+            if not eq:
+                if i + 1 == len(argv):
+                    raise UsageError("--config: missing its value (a YAML file of settings)")
+                i, value = i + 1, argv[i + 1]
+            run_file = value
+        else:
+            flags.append(argv[i])
+        i += 1
+    return list(argv[:n]), flags, run_file
+
+
+def resolve_settings(argv: Sequence[str], env: Mapping[str, str]) -> tuple[dict, dict[str, str]]:
+    """(settings, origin of each setting given) from a launch line and the environment. Origins: "line",
+    "environment", or the run file's path."""
+    positional, flag_args, run_file = _split_line(argv)
+    if len(positional) < len(POSITIONAL) and run_file is None:
+        raise UsageError(f"expected {len(POSITIONAL)} positional arguments, got {len(positional)}\n{USAGE}")
+    layers = [(run_file, read_run_file(run_file) if run_file else {}), ("environment", parse_env(env)),
+              ("line", parse_positional(positional)), ("line", parse_flags(flag_args))]
+    settings: dict = {}
+    origins: dict[str, str] = {}
+    for origin, values in layers:
+        settings.update(values)
+        origins.update(dict.fromkeys(values, origin))
+    for name, setting in POSITIONAL.items():
+        if setting not in settings:
+            raise UsageError(f"{name}: missing; give it on the line (positional argument "
+                             f"{list(POSITIONAL).index(name) + 1}) or in the --config file as {flag_name(setting)[2:]}")
+    # The cluster is discovered on each node, below everything else given.
+    settings = {**discover_cluster(env, hostfile=settings.get("hostfile")), **settings}
+    return settings, origins
+
+
 def build_run_config(argv: Sequence[str], env: Mapping[str, str]) -> RunConfig:
     """argv: the positional arguments then flags, as given to the launch script."""
-    if len(argv) < len(POSITIONAL):
-        raise UsageError(f"expected {len(POSITIONAL)} positional arguments, got {len(argv)}\n{USAGE}")
-    settings = parse_positional(argv[:len(POSITIONAL)])
-    flags = parse_flags(argv[len(POSITIONAL):])
-    settings.update(discover_cluster(env, hostfile=flags.get("hostfile")))
-    settings.update(parse_env(env))
-    settings.update(flags)
-    return RunConfig.from_settings(settings)
-
+    return RunConfig.from_settings(resolve_settings(argv, env)[0])

@@ -15,7 +15,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -341,6 +341,24 @@ class RunConfig:
     def to_dict(self) -> dict:
         return {**{f: getattr(self, f) for f in RUN_FIELDS}, "model": self.model.to_dict()}
 
+    def to_yaml(self, given: Iterable[str] = ()) -> str:
+        """The resolved settings as a run file (`--config`), by flag name. Left out: MODE (said on the line),
+        the cluster (discovered on each node), unset paths, a run name derived from the settings, and the
+        device and precision found on this machine unless `given` (settings the user set) names them."""
+        import yaml
+
+        skip = set(NOT_IN_RUN_FILE) | {k for k in MACHINE_DEFAULTS if k not in set(given)}
+        settings = self.settings()
+        if self.run_name == self.default_run_name():
+            skip.add("run_name")
+        positional = [s for s in POSITIONAL.values() if s in settings]
+        order = positional + [k for k in settings if k not in positional]
+        data = {flag_name(k)[2:]: settings[k] for k in order if k not in skip and settings[k] is not None}
+        header = (f"# Settings of run {self.run_name},\n# as the launcher resolved them. Repeat the run with\n"
+                  f"#   bash examples/megatron/dlc_run_pretrain_megatron_gpt.sh run --config THIS_FILE\n"
+                  f"# Positional arguments, flags and environment variables given there win over this file.\n")
+        return header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
     def save(self, path: str | os.PathLike) -> None:
         write_json_atomic(self.to_dict(), path)
 
@@ -363,6 +381,10 @@ class RunConfig:
             raise UsageError(f"{path}: {exc}") from None
 
 
+# Settings a run file leaves out: MODE is said on the line; the cluster is discovered on each node.
+NOT_IN_RUN_FILE = ("mode", "num_nodes", "node_rank", "master_addr", "master_port")
+# Settings whose default depends on the machine the launcher runs on.
+MACHINE_DEFAULTS = ("device", "precision")
 _SHAPE_TAGS = {"num_layers": "L", "hidden_size": "h", "num_heads": "a", "ffn_hidden_size": "f"}
 RUN_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RunConfig) if f.name != "model")
 # run_config.json before the model settings were nested: the field names that differed.

@@ -1,7 +1,7 @@
 """The resolved-settings block that `dryrun` prints (and `run` prints before it starts)."""
 from __future__ import annotations
 
-from launcher.config import RunConfig, flag_name
+from launcher.config import POSITIONAL, RunConfig, flag_name, label
 from launcher.memory import GIB, estimate_memory
 from model.config import GPTMoEConfig
 
@@ -23,9 +23,31 @@ def _shape(cfg: RunConfig) -> str:
     return cfg.model_size + (f" with {changed}" if changed else "")
 
 
-def summary(cfg: RunConfig, mcfg: GPTMoEConfig, ds_path: str, command: str) -> str:
+def _sources(cfg: RunConfig, origins: dict[str, str]) -> list[str]:
+    """Where each setting given came from, one line per source; the rest are defaults."""
+    positional = {setting: i for i, setting in enumerate(POSITIONAL.values())}
+    by_source: dict[str, list[str]] = {}
+    # positional arguments in their order, then the rest as given
+    for setting in sorted(origins, key=lambda s: positional.get(s, len(positional))):
+        origin = origins[setting]
+        if origin == "line":
+            name = label(setting) if setting in positional else flag_name(setting)
+        elif origin == "environment":
+            name = label(setting)
+        else:  # a run file: as it spells the setting
+            name = flag_name(setting)[2:]
+        by_source.setdefault(origin, []).append(name)
+    order = [o for o in ("line", "environment") if o in by_source] + [o for o in by_source if o not in
+                                                                        ("line", "environment")]
+    lines = [f"from {'the ' if o in ('line', 'environment') else ''}{o}: {' '.join(by_source[o])}" for o in order]
+    lines.append(f"the rest: defaults, and the {cfg.model_size} size preset")
+    return [f"{'settings' if i == 0 else '':13}{line}" for i, line in enumerate(lines)]
+
+
+def summary(cfg: RunConfig, mcfg: GPTMoEConfig, ds_path: str, command: str,
+            origins: dict[str, str] | None = None) -> str:
     """mcfg: the GPTMoEConfig trained (the tokenizer's vocabulary); ds_path: the written DeepSpeed JSON;
-    command: the launch line."""
+    command: the launch line; origins: where each setting given came from (`cli.resolve_settings`)."""
     counts = mcfg.param_counts()
     moe_layers = mcfg.moe_layer_indices()
     lines = [f"run          {cfg.run_name}  ({cfg.mode})",
@@ -69,5 +91,7 @@ def summary(cfg: RunConfig, mcfg: GPTMoEConfig, ds_path: str, command: str) -> s
         + ("fits" if mem.fits else "DOES NOT FIT"))
     if mem.host_offload:
         lines.append(f"             host memory for ZeRO-Offload: {_gib(mem.host_offload)} per process")
+    if origins is not None:
+        lines += _sources(cfg, origins)
     lines.append(f"launch       {command}")
     return "\n".join(lines)
