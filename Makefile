@@ -5,6 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.setup-done
+# DeepSpeed compiles its CPU ops (shared-memory comm, CPU Adam) on first use into TORCH_EXTENSIONS_DIR. Its
+# default, ~/.cache/torch_extensions, is shared by every checkout on the machine, and a build is keyed by the
+# sources' path, so two checkouts rebuild over each other's ops (minutes each); keep them with the venv.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup test demo clean-venv
 
