@@ -205,6 +205,23 @@ def _listing(tag_dir: Path) -> dict[str, int | None]:
             for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != TRAINER_STATE}
 
 
+def _sizes_seen_by_all_ranks(tag_dir: Path) -> dict[str, int]:
+    """Collective: each tensor file's size, the largest any rank sees. On a network filesystem a file another
+    node wrote can look older (or be missing) for a while to the others; its writer sees it whole."""
+    import torch.distributed as dist
+
+    mine = {name: size for name, size in _listing(tag_dir).items() if size is not None}
+    views = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        views = [None] * dist.get_world_size()
+        dist.all_gather_object(views, mine)
+    sizes: dict[str, int] = {}
+    for view in views:
+        for name, size in view.items():
+            sizes[name] = max(size, sizes.get(name, 0))
+    return sizes
+
+
 def expected_files(tag_dir: Path, state: dict, layout: Layout, mcfg: GPTMoEConfig) -> dict[str, int | None]:
     """The files the checkpoint must hold -> their size (None: unknown). Written into trainer_state.json since
     it records them; for older checkpoints, predicted from DeepSpeed's naming for the layout."""
@@ -362,6 +379,7 @@ class Checkpointer:
                                     save_latest=False)
         write_text_atomic(json.dumps(_rng_states()), rng_file(tag_dir, self.placement.rank))
         barrier()  # every rank's files are written
+        sizes = _sizes_seen_by_all_ranks(tag_dir)
         if self.placement.is_main:
             self.cfg.save(tag_dir / RUN_CONFIG)
             write_json_atomic(self.mcfg.to_dict(), tag_dir / MODEL_CONFIG)
@@ -370,7 +388,7 @@ class Checkpointer:
             write_json_atomic({"iteration": iteration, "tokens": tokens, "train_iters": self.cfg.train_iters,
                                "world_size": self.cfg.world_size, "global_batch": self.cfg.global_batch,
                                "seq_len": self.cfg.model.seq_len, "layout": asdict(Layout.of_run(self.cfg)),
-                               "files": _listing(tag_dir)}, tag_dir / TRAINER_STATE)
+                               "files": {**_listing(tag_dir), **sizes}}, tag_dir / TRAINER_STATE)
             write_text_atomic(tag + "\n", self.folder / LATEST)
         barrier()  # nobody moves on (or exits) before `latest` names a complete checkpoint
         self.last_saved = iteration

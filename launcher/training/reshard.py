@@ -14,8 +14,9 @@ size, and its universal-checkpoint conversion does not handle MoE expert files. 
             groups the expert-data-parallel ranks e, e + EP, e + 2 EP, ... of expert-parallel rank e),
             concatenate to the whole parameter (rank e's experts, stacked).
 
-`SavedOptimizerState` answers "the whole of parameter `name`'s `exp_avg`" (experts joined over the saved
-expert-parallel ranks) from either layout, reading the files memory-mapped, one parameter at a time;
+`SavedOptimizerState` answers "this rank's part of parameter `name`'s `exp_avg`" (for experts, joined from
+the saved expert-parallel ranks that held them) from either layout, reading the files memory-mapped, one
+parameter at a time;
 `install` writes into this run's engine what this rank holds: whole tensors under ZeRO 0, this rank's fragment
 of each parameter under ZeRO 1/2 (through the engine's own parameter -> partition mapping), the rows of this
 rank's experts for expert parameters. Model weights come from the model files as always (every expert file is
@@ -79,6 +80,7 @@ class SavedOptimizerState:
         self.shapes = {n: p.shape for n, p in module.named_parameters()}
         self.experts = _expert_names(module)
         self.local_experts = {n: _local_experts(module, n) for n in self.experts}
+        self.total_experts = {n: module.get_submodule(n.rsplit(".", 1)[0]).num_experts for n in self.experts}
 
         def load(name: str):
             try:
@@ -174,29 +176,32 @@ class SavedOptimizerState:
             return any(key in entry for entry in self._zero0[0].values())
         return True  # ZeRO 1/2 keep fp32 masters and the moments of every parameter
 
-    def whole(self, name: str, key: str) -> torch.Tensor:
-        """Parameter `name`'s `key` (an Adam moment, or MASTER), every expert for an expert parameter."""
-        if name not in self.shapes:
-            raise UsageError(f"{self.tag_dir}: the optimizer state has no entry for {name}")
-        expert = name in self.experts
-        ep = self.saved.ep_size
+    def _saved_part(self, name: str, key: str, ep_rank: int | None) -> torch.Tensor:
+        """A dense parameter whole (ep_rank None), or the experts saved expert-parallel rank `ep_rank` held."""
         if self.saved.zero_stage == 0:
-            parts = [entry[name][key] for entry in (self._zero0 if expert else self._zero0[:1])]
-        else:
-            world = self.saved.world_size
-            rank_lists = ([list(range(e, world, ep)) for e in range(ep)] if expert else [list(range(world))])
-            parts = [self._zero12_piece(name, key, ranks) for ranks in rank_lists]
-        tail = self.shapes[name][1:] if expert else self.shapes[name]
-        try:
-            return torch.cat([part.reshape(-1, *tail) if expert else part.reshape(tail) for part in parts])
-        except RuntimeError:
-            raise UsageError(f"{self.tag_dir}: the optimizer state of {name} does not fit this model's "
-                             f"{tuple(self.shapes[name])}") from None
+            return self._zero0[ep_rank or 0][name][key]
+        world, ep = self.saved.world_size, self.saved.ep_size
+        return self._zero12_piece(name, key, range(world) if ep_rank is None else range(ep_rank, world, ep))
 
     def local(self, name: str, key: str) -> torch.Tensor:
-        """What this rank holds of parameter `name`'s `key`: the whole tensor, or the rows of its experts."""
-        whole = self.whole(name, key)
-        return whole[self.local_experts[name]] if name in self.experts else whole
+        """What this rank holds of parameter `name`'s `key` (an Adam moment, or MASTER): the whole tensor, or the
+        rows of its experts, read from only the saved ranks that held them."""
+        if name not in self.shapes:
+            raise UsageError(f"{self.tag_dir}: the optimizer state has no entry for {name}")
+        shape = self.shapes[name]
+        try:
+            if name not in self.experts:
+                return self._saved_part(name, key, None).reshape(shape)
+            rows = self.local_experts[name]
+            per_rank = self.total_experts[name] // self.saved.ep_size  # experts each saved EP rank held
+            first, last = rows.start // per_rank, (rows.stop - 1) // per_rank
+            stacked = torch.cat([self._saved_part(name, key, e).reshape(per_rank, *shape[1:])
+                                 for e in range(first, last + 1)])
+            offset = rows.start - first * per_rank
+            return stacked[offset:offset + rows.stop - rows.start]
+        except RuntimeError:
+            raise UsageError(f"{self.tag_dir}: the optimizer state of {name} does not fit this model's "
+                             f"{tuple(shape)}") from None
 
 
 def install(engine, saved: SavedOptimizerState) -> None:
