@@ -26,7 +26,6 @@ only) and its optimizer state through launcher.training.reshard.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -265,6 +264,8 @@ def check_files(tag_dir: Path, files: dict[str, int | None]) -> None:
                 check_checkpoint_file(path, _numpy_types() if name.startswith("rng_rank_") else None)
             except CheckpointError as exc:
                 raise UsageError(str(exc)) from None
+        elif name.startswith("rng_rank_"):
+            _check_rng_states(read_json(path), path)
 
 
 def verify_checkpoint(cfg: RunConfig, folder: Path, tag: str, run_mcfg: GPTMoEConfig | None = None) -> dict:
@@ -288,7 +289,7 @@ def _numpy_types() -> tuple:
     """What a numpy array pickles as (older checkpoints kept numpy's RNG state that way)."""
     from numpy import dtype, ndarray
 
-    reconstruct = getattr(getattr(np, "_core", np.core), "multiarray")._reconstruct
+    reconstruct = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct  # numpy 2 / 1
     return (reconstruct, ndarray, dtype, type(np.dtype(np.uint32)))
 
 
@@ -302,6 +303,13 @@ def _rng_states() -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state().tolist()
     return states
+
+
+def _check_rng_states(states, path: Path) -> None:
+    python, numpy = states.get("python"), states.get("numpy")
+    if not (isinstance(python, (list, tuple)) and len(python) == 3 and isinstance(numpy, (list, tuple))
+            and len(numpy) == 5 and "torch" in states):
+        raise UsageError(f"{path}: not RNG states this toolkit wrote (Python's, numpy's and torch's generators)")
 
 
 def _set_rng_states(states: dict) -> None:
@@ -456,7 +464,13 @@ class Checkpointer:
                       f"{Layout.of_run(self.cfg).describe()}", flush=True)
         rng = read_rng_states(tag_dir, self.placement.rank) if same else None
         if rng is not None:
-            _set_rng_states(rng)
+            path = rng_file(tag_dir, self.placement.rank)
+            _check_rng_states(rng, path)
+            try:
+                _set_rng_states(rng)
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise UsageError(f"{path}: not RNG states this toolkit wrote ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
         else:  # RNG streams cannot continue; make the new ones at least reproducible
             seed = self.cfg.seed + 1000 * iteration + self.placement.rank
             random.seed(seed)

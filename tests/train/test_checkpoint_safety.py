@@ -2,21 +2,20 @@
 garbage, truncated, incomplete or of another model is one line from the launcher, before anything is written.
 
 Most cases are checked in process on copies of the session's reference run (2 processes, MoE-8 over EP=2,
-ZeRO 0); one launch and one generate go through the command lines."""
+ZeRO 0); one launch and one generate go through the command lines. The ZeRO optimizer shard is planted in
+test_resume_resize.py, beside a ZeRO-2 run."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import ROOT, SCRIPT, flags, train_env
+from train_helpers import ROOT, SCRIPT, Payload, flags, run_config, train_env
 
-from launcher.cli import build_run_config
 from launcher.errors import UsageError
 from launcher.preflight import check_resumable
 from launcher.training.checkpoint import (TRAINER_STATE, SafeLoading, load_for_inference, read_rng_states,
@@ -26,16 +25,6 @@ from model.checkpoint import CheckpointError, safe_load
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train")]
 
 POSITIONAL = "run 2 gpt2bpe nano 8 0 2 1 none none 3"
-
-
-class Payload:
-    """Unpickled without restriction, it creates `marker`: what a planted checkpoint would do with a shell."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return exec, (f"open({self.marker!r}, 'w').close()",)
 
 
 def _copy_checkpoint(reference_run, tmp_path, iteration: int = 3) -> Path:
@@ -71,13 +60,6 @@ def _legacy_rng_states() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
-def _cfg(tiny_corpus, out: Path, load: Path | None, positional: str = POSITIONAL, iters: int = 12, **env):
-    environ = train_env(tiny_corpus, out, iters=iters, **env)
-    if load is not None:
-        environ["LOAD"] = str(load)
-    return build_run_config(positional.split() + flags(tiny_corpus), environ)
-
-
 # (file in the tag folder, what it is)
 FILE_KINDS = [
     ("mp_rank_00_model_states.pt", "model states"),
@@ -101,7 +83,7 @@ def test_a_planted_pickle_is_refused_and_runs_nothing(reference_run, tiny_corpus
     assert proof.exists()
     proof.unlink()
 
-    cfg = _cfg(tiny_corpus, tmp_path / "out", tag)
+    cfg = run_config(tiny_corpus, tmp_path / "out", tag, POSITIONAL)
     with pytest.raises(UsageError, match=rf"{name}: refused: its pickle names builtins.exec") as refused:
         check_resumable(cfg)  # the launcher's preflight and the workers' check before loading
     assert "\n" not in str(refused.value)
@@ -151,7 +133,7 @@ def test_older_checkpoints_still_load(reference_run, tiny_corpus, tmp_path):
     for key in ("files", "layout"):
         state.pop(key)
     (tag / TRAINER_STATE).write_text(json.dumps(state))
-    check_resumable(_cfg(tiny_corpus, tmp_path / "out", tag))
+    check_resumable(run_config(tiny_corpus, tmp_path / "out", tag, POSITIONAL))
     restored = read_rng_states(tag, 0)
     assert np.array_equal(restored["numpy"][1], legacy["numpy"][1])
     model, _, _ = load_for_inference(tag)
@@ -190,6 +172,8 @@ BAD_LOADS = {
         "expp_rank_1_mp_rank_00_optim_states.pt is missing"),
     "bad-trainer-state": (lambda tag: (tag / TRAINER_STATE).write_text("{not json"),
                           "trainer_state.json: not readable JSON"),
+    "bad-rng-states": (lambda tag: (tag / "rng_rank_00001.json").write_text('{"python": 5}'),
+                       "rng_rank_00001.json: not RNG states this toolkit wrote"),
     "bad-model-config": (lambda tag: (tag / "model_config.json").write_text('{"hidden_size": -3}'),
                          "model_config.json: GPTMoEConfig.hidden_size: got -3"),
 }
@@ -207,7 +191,7 @@ def test_a_bad_load_is_one_line(reference_run, tiny_corpus, tmp_path, case):
         target = _copy_checkpoint(reference_run, tmp_path)
         damage(target)
     with pytest.raises(UsageError, match=message) as error:
-        check_resumable(_cfg(tiny_corpus, tmp_path / "out", target))
+        check_resumable(run_config(tiny_corpus, tmp_path / "out", target, POSITIONAL))
     assert "\n" not in str(error.value)
 
 
@@ -225,7 +209,7 @@ def test_a_load_of_another_model_or_layout_names_what_differs(reference_run, tin
                                                               env, differs):
     tag = reference_run[0] / "checkpoints" / "iter_0000003"
     with pytest.raises(UsageError, match=differs) as error:
-        check_resumable(_cfg(tiny_corpus, tmp_path, tag, positional=positional, **env))
+        check_resumable(run_config(tiny_corpus, tmp_path, tag, positional=positional, **env))
     assert "\n" not in str(error.value)
 
 
@@ -248,7 +232,7 @@ def test_a_finished_run_says_so_without_loading(reference_run, tiny_corpus, tmp_
     tag = _copy_checkpoint(reference_run, tmp_path, iteration=6)
     for path in tag.glob("*.pt"):
         path.write_bytes(b"not loaded")
-    cfg = _cfg(tiny_corpus, tmp_path / "out", tag, iters=6)
+    cfg = run_config(tiny_corpus, tmp_path / "out", tag, POSITIONAL, iters=6)
     assert verify_checkpoint(cfg, tag.parent, tag.name)["iteration"] == 6
     check_resumable(cfg)
 

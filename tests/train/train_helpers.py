@@ -59,3 +59,23 @@ def metrics(run: Path, kind: str = "train") -> dict[int, dict]:
         if record["kind"] == kind:
             out[record["iteration"]] = record
     return out
+
+
+def run_config(corpus, out: Path, load: Path | None, positional: str, iters: int = 12, **env):
+    """The RunConfig the launcher would resolve for `positional` (with the usual flags) and LOAD=load."""
+    from launcher.cli import build_run_config
+
+    environ = train_env(corpus, out, iters=iters, **env)
+    if load is not None:
+        environ["LOAD"] = str(load)
+    return build_run_config(positional.split() + flags(corpus), environ)
+
+
+class Payload:
+    """Unpickled without restriction, it creates `marker`: what a planted checkpoint file would do with a shell."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
