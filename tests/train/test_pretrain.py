@@ -13,7 +13,7 @@ import subprocess
 import time
 
 import pytest
-from train_helpers import ROOT, SCRIPT, TOKENS_PER_ITER, flags, launch, metrics, run_dir, train_env
+from train_helpers import ROOT, SCRIPT, TOKENS_PER_ITER, flags, launch, load_scaled, metrics, run_dir, train_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train")]
 
@@ -118,7 +118,7 @@ def test_evaluate_cli(reference_run, tiny_corpus, tmp_path, capsys):
     # A second evaluation, through the example script, adds its entries and keeps the others.
     script = ROOT / "examples" / "megatron" / "run_evaluate.sh"
     proc = subprocess.run(["bash", str(script), str(run), "none", str(task), "--limit", "1", "--threads", "1"],
-                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=load_scaled(300))
     assert proc.returncode == 0 and "pick" in proc.stdout, proc.stdout[-3000:]
     merged = json.loads((run / "checkpoints" / "iter_0000006" / "evaluation.json").read_text())
     assert merged["validation"] == results["validation"] and merged["tasks"]["pick"]["settings"]["limit"] == 1
@@ -177,7 +177,7 @@ def test_two_nodes_on_one_machine(reference_run, tiny_corpus, tmp_path):
                *flags(tiny_corpus, "--eval-interval", "3")]
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    outputs = [p.communicate(timeout=load_scaled(240))[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[1][-4000:] + outputs[0][-4000:]
     assert "world 2 = 2 node(s) x 1 process(es)" in outputs[1]
     run = run_dir(tmp_path)
@@ -203,7 +203,7 @@ def test_sigterm_saves_and_the_same_command_resumes(tiny_corpus, tmp_path):
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[0][-4000:]
     os.kill(proc.pid, signal.SIGTERM)  # the script execs the launcher, which hands the signal to the workers
-    out = proc.communicate(timeout=90)[0]
+    out = proc.communicate(timeout=load_scaled(90))[0]
     assert "SIGTERM: checkpoint saved at iteration" in out, out[-4000:]
     assert proc.returncode == 0, out[-4000:]  # the whole job exits cleanly, torchrun included
     assert "exitcode  : " not in out  # torchrun reports no failed worker

@@ -34,11 +34,18 @@ def flags(corpus, *more) -> list[str]:
     return ["--tokenizer-path", corpus[1], "--log-interval", "1", "--eval-iters", "2", *more]
 
 
+def load_scaled(seconds: float) -> float:
+    """A time limit for a launch, stretched by how oversubscribed the machine is (load average per core, up to
+    8x): a busy machine makes the suite slower, not red, and a hung launch is still caught."""
+    busy = os.getloadavg()[0] / (os.cpu_count() or 1)
+    return seconds * min(8.0, max(1.0, busy))
+
+
 def launch(positional: str, env: dict, *more: str, timeout: float = 240, check: bool = True):
     """Run the positional script; returns the CompletedProcess (stdout and stderr together)."""
     cmd = ["bash", str(SCRIPT), *positional.split(), *more]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
+                          timeout=load_scaled(timeout))
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-6000:]}")
     return proc
