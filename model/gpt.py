@@ -183,10 +183,12 @@ class GPTMoE(nn.Module):
             layer.reset_parameters(std, out_std)
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, position_ids: Tensor | None = None,
-                attention_mask: Tensor | None = None, past_key_values=None, use_cache: bool = False) -> GPTMoEOutput:
+                attention_mask: Tensor | None = None, past_key_values=None, use_cache: bool = False,
+                logits_to_keep: int = 0) -> GPTMoEOutput:
         """input_ids (B, T). position_ids (B or 1, T): defaults to past..past+T-1; sequence parallelism
         passes each rank's offsets. attention_mask (B, S): 1 for real tokens, 0 for padding (optional).
-        past_key_values: a KVCache (or transformers Cache) to extend; created when use_cache is set."""
+        past_key_values: a KVCache (or transformers Cache) to extend; created when use_cache is set.
+        logits_to_keep: logits of the last N positions only (0 = all); generation needs the last one."""
         b, t = input_ids.shape
         cache = past_key_values
         if cache is None and use_cache:
@@ -204,6 +206,10 @@ class GPTMoE(nn.Module):
             x, moe = block(x, attn_mask, is_causal, cache)
             if moe is not None:
                 moe_outputs.append((i, moe))
+        if logits_to_keep:
+            if labels is not None:
+                raise ValueError("logits_to_keep needs labels=None: the loss reads every position")
+            x = x[:, -logits_to_keep:]
         x = self.ln_f(x)
         weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, weight)  # (B, T, V_padded)

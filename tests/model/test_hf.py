@@ -1,18 +1,32 @@
-"""The transformers wrapper: Auto* registration, state-dict prefix, generate() with a KV cache, save/load."""
+"""The transformers wrapper: Auto* registration, state-dict prefix, generate() with a KV cache, save/load.
+
+Generation tests use weights for which context matters (init std 0.3): at the default init a nano model
+repeats one token whatever came before, so a cache that loses the context would go unnoticed.
+"""
 import json
 
+import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast, pipeline
 
 from model import GPTMoEForCausalLM, GPTMoEHFConfig
 
 from .conftest import build, nano
 
 
-def _pair(**overrides):
-    cfg = nano(router_type="top2", **overrides)
+def _pair(router_type="top2", **overrides):
+    cfg = nano(router_type=router_type, init_std=0.3, **overrides)
     model = build(cfg).eval()
     return model, GPTMoEForCausalLM.from_gpt_moe(model).eval()
+
+
+def _assert_context_matters(model, prompts):
+    """The next token after the whole prompt differs from the one after its last token alone, for some row."""
+    with torch.no_grad():
+        whole = model(prompts).logits[:, -1].argmax(-1)
+        last_only = model(prompts[:, -1:]).logits[:, -1].argmax(-1)
+    assert (whole != last_only).any()
 
 
 def test_config_round_trip_and_registration(tmp_path):
@@ -77,3 +91,69 @@ def test_left_padded_batch_generates_like_each_prompt_alone():
     batched = hf.generate(prompts, attention_mask=mask, max_new_tokens=5, do_sample=False)
     assert torch.equal(batched[0], model.generate(prompts[:1], 5, temperature=0)[0])
     assert torch.equal(batched[1, 6:], model.generate(prompts[1:, 2:], 5, temperature=0)[0, 4:])
+
+
+@pytest.mark.parametrize("router_type", ["top1", "expert_choice", "top2"])
+def test_kv_cache_changes_nothing_in_greedy_generate(router_type):
+    """generate() with the cache == without it == GPTMoE.generate, whatever name transformers gives the cache
+    (`cache` in 5.x, `past_key_values` in 4.x); left-padded rows, chunked prefill and beams too."""
+    model, hf = _pair(router_type)
+    prompts = torch.randint(0, 97, (3, 7))
+    _assert_context_matters(model, prompts)
+    ours = model.generate(prompts, 12, temperature=0)
+    cached = hf.generate(prompts, max_new_tokens=12, do_sample=False)
+    uncached = hf.generate(prompts, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(uncached, ours)
+    assert torch.equal(cached, ours)
+
+    mask = torch.ones_like(prompts)
+    mask[1, :3] = 0
+    mask[2, :5] = 0
+    left_padded = dict(attention_mask=mask, max_new_tokens=10, do_sample=False)
+    uncached = hf.generate(prompts, use_cache=False, **left_padded)
+    assert torch.equal(hf.generate(prompts, **left_padded), uncached)
+    if hasattr(GenerationConfig(), "prefill_chunk_size"):  # transformers >= 4.52
+        assert torch.equal(hf.generate(prompts, prefill_chunk_size=3, **left_padded), uncached)
+    for row, pad in enumerate((0, 3, 5)):
+        alone = model.generate(prompts[row:row + 1, pad:], 10, temperature=0)
+        assert torch.equal(uncached[row, 7:], alone[0, 7 - pad:])
+    beams = dict(left_padded, num_beams=3)
+    assert torch.equal(hf.generate(prompts, **beams), hf.generate(prompts, use_cache=False, **beams))
+
+
+def test_forward_takes_the_cache_under_either_name():
+    model, hf = _pair()
+    prompt = torch.randint(0, 97, (2, 9))
+    full = hf(prompt).logits[:, -1]
+    torch.testing.assert_close(hf(prompt, logits_to_keep=1).logits[:, -1], full)
+    for name in ("cache", "past_key_values"):
+        out = hf(prompt[:, :-1], use_cache=True)
+        cache = out.past_key_values
+        assert cache.get_seq_length() == 8
+        step = hf(prompt[:, -1:], **{name: cache}, use_cache=True)
+        torch.testing.assert_close(step.logits[:, -1], full)
+
+
+def _word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Token i is the word "w<i>": a tokenizer built in memory, nothing downloaded."""
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.decoder = decoders.WordPiece()  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=words, eos_token="w96", pad_token="w96")
+
+
+def test_text_generation_pipeline_continues_with_context():
+    model, hf = _pair()
+    tokenizer = _word_tokenizer(97)
+    prompts = ["w5 w9 w13 w40", "w71 w2 w13 w40"]  # same last tokens, different context
+    generate = pipeline("text-generation", model=hf, tokenizer=tokenizer)
+    texts = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        ours = model.generate(ids, 8, temperature=0, eos_id=tokenizer.eos_token_id)[0]
+        want = tokenizer.decode(ours, skip_special_tokens=True)
+        got = generate(prompt, max_new_tokens=8, do_sample=False)[0]["generated_text"]
+        # Versions differ in the space they put after the prompt; every word starts with "w", so no ambiguity.
+        assert got.replace(" ", "") == want.replace(" ", "")
+        texts.append(tokenizer.decode(ours[ids.shape[1]:]))
+    assert texts[0] != texts[1]
