@@ -4,9 +4,9 @@
 importing transformers; accessing them registers the "gpt_moe" model type with transformers' Auto classes.
 """
 from .config import SIZES, GPTMoEConfig
-from .gpt import GPTMoE, GPTMoEOutput
+from .gpt import GPTMoE, GPTMoEOutput, shift_labels
 
-__all__ = ["SIZES", "GPTMoEConfig", "GPTMoE", "GPTMoEOutput", "GPTMoEForCausalLM", "GPTMoEHFConfig"]
+__all__ = ["SIZES", "GPTMoEConfig", "GPTMoE", "GPTMoEOutput", "shift_labels", "GPTMoEForCausalLM", "GPTMoEHFConfig"]
 
 
 def __getattr__(name):

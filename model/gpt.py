@@ -132,12 +132,19 @@ class GPTMoEOutput:
         return None if self.loss is None else self.loss + self.aux_loss + self.z_loss
 
 
+def shift_labels(labels_BT: Tensor) -> Tensor:
+    """Labels aligned with input_ids (transformers' convention) -> labels for GPTMoE.forward: position t is
+    scored on the token at t+1; the last position has nothing to predict (-100)."""
+    return F.pad(labels_BT[:, 1:], (0, 1), value=-100)
+
+
 class GPTMoE(nn.Module):
     """GPT decoder with MoE feed-forward layers every `config.moe_layer_interval` layers.
 
-    forward(input_ids, labels=None, ...) -> GPTMoEOutput. `labels` are already aligned with the inputs:
-    the pretraining loop passes input_ids = sample[:, :-1] and labels = sample[:, 1:], and no shift happens
-    here (the Hugging Face wrapper in model/hf.py shifts, as transformers does). Labels of -100 are ignored.
+    forward(input_ids, labels=None, ...) -> GPTMoEOutput. `labels` come shifted already: labels[:, t] is the
+    token after input_ids[:, t]. The pretraining loop passes input_ids = sample[:, :-1] and labels =
+    sample[:, 1:]; labels in the transformers convention (aligned with input_ids: fine-tuning data, the
+    Hugging Face wrapper in model/hf.py) go through `shift_labels` first. Labels of -100 are ignored.
 
     `ep_rank` (this process's rank in its expert-parallel group, 0..ep_size-1; see
     `model.parallel.expert_parallel_rank`) places its slice of the experts; it must be given when

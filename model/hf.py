@@ -9,7 +9,9 @@ with the prefix "model." added to every key (`GPTMoEForCausalLM.from_gpt_moe` do
 stacked (`...experts.fc1_weight`, all experts of a layer in one tensor): export from an EP=1 model (see
 model/checkpoint.py to gather an EP>1 DeepSpeed checkpoint into one).
 
-Labels follow the transformers convention: `labels` may equal `input_ids`; the shift happens here.
+Labels follow the transformers convention: aligned with `input_ids` (they may equal them), -100 where no
+loss is wanted; the shift happens here (`model.shift_labels`). Fine-tuning items from
+launcher/data/sft.py are in this convention, so they go in as they are (a transformers Trainer too).
 `loss` is what fine-tuning should minimise (LM loss + weighted balancing and z-losses); `lm_loss`,
 `aux_loss` and `z_loss` come beside it.
 """
@@ -18,13 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import (AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, PretrainedConfig,
                           PreTrainedModel)
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .config import FIELDS, GPTMoEConfig
-from .gpt import GPTMoE
+from .gpt import GPTMoE, shift_labels
 
 # Saved by earlier versions (`top_k` under another name, since transformers reads a config's `top_k` as a
 # generation setting); GPTMoEConfig.from_dict converts it.
@@ -110,10 +111,7 @@ class GPTMoEForCausalLM(PreTrainedModel, GenerationMixin):
         if position_ids is None and attention_mask is not None:
             # Left-padded batches: count positions over real tokens only.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
-        shifted = None
-        if labels is not None:
-            shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t+1
-        out = self.model(input_ids, labels=shifted, position_ids=position_ids, attention_mask=attention_mask,
+        out = self.model(input_ids, labels=None if labels is None else shift_labels(labels), position_ids=position_ids, attention_mask=attention_mask,
                          past_key_values=cache, logits_to_keep=0 if labels is not None else logits_to_keep)
         loss = None if out.loss is None else out.total_loss
         return GPTMoECausalLMOutput(loss=loss, logits=out.logits, aux_loss=out.aux_loss, lm_loss=out.loss,

@@ -4,17 +4,23 @@ An example is encode(prompt) + encode(target) + [eod]: prompt and target are tok
 apart and joined with nothing between (the tab separates fields; it is not text), so
 generation from encode(prompt) continues exactly as training saw it.
 
-Each item: input_ids (LongTensor[seq_len]) and labels (LongTensor[seq_len]) where
-labels[t] is the token after input_ids[t] when that token is part of the target (its
-end-of-document token included), else -100: prompt, padding, and in packed mode the first
-token of the next example. Loss therefore falls on target tokens only.
+Labels follow the transformers convention: aligned with the inputs, shifted inside the model.
+Each item: input_ids (LongTensor[seq_len]) and labels (LongTensor[seq_len]) where labels[t] is
+input_ids[t] when that token is part of the target (its end-of-document token included), else
+-100: prompt, padding, and the first token of an example (nothing before it predicts it: an
+example with an empty prompt learns its target from the second token on). Loss therefore falls
+on target tokens only.
+  - `GPTMoEForCausalLM(input_ids=..., labels=...)` (and a transformers Trainer) take an item as is.
+  - `GPTMoE`, which the pretraining loop feeds with pre-shifted labels, takes
+    `labels=model.shift_labels(labels)` (from the `model` package): position t is scored on the
+    token at t+1.
 
-Too long: an example is cut to seq_len+1 tokens keeping the end of the prompt and the
-start of the target, with at least half the window for the target; `num_truncated`
-counts them and a warning reports the count.
+Too long: an example is cut to seq_len tokens keeping the end of the prompt and the start of
+the target, with at least half the window for the target; `num_truncated` counts them and a
+warning reports the count.
 pack=False: one example per item, padded with pad_id. pack=True: whole examples placed
-greedily, in file order, into windows of seq_len+1 tokens, the rest padded; an example
-is never split between items (attention is not masked between examples of one window).
+greedily, in file order, into windows of seq_len tokens, the rest padded; an example is never
+split between items (attention is not masked between examples of one window).
 """
 import logging
 from pathlib import Path
@@ -90,7 +96,7 @@ class SFTDataset:
         # warn in (and disable parallelism for) every DataLoader worker forked later.
         prompts = [tokenizer.encode(p) for p, _ in pairs]
         targets = [tokenizer.encode(t) for _, t in pairs]
-        budget = seq_len + 1
+        budget = seq_len
         self.examples: list[tuple[np.ndarray, int]] = []  # (ids, number of prompt tokens)
         self.num_truncated = 0
         for prompt, target in zip(prompts, targets):
@@ -100,7 +106,7 @@ class SFTDataset:
                 prompt, target = _fit(prompt, target, budget)
             self.examples.append((np.asarray(prompt + target, dtype=np.int64), len(prompt)))
         if self.num_truncated:
-            logger.warning("%s: %d of %d examples are longer than seq_len+1 = %d tokens and were truncated",
+            logger.warning("%s: %d of %d examples are longer than seq_len = %d tokens and were truncated",
                            path, self.num_truncated, len(self.examples), budget)
         lengths = [len(ids) for ids, _ in self.examples]
         self._windows = _pack(lengths, budget) if pack else [[i] for i in range(len(lengths))]
@@ -113,11 +119,9 @@ class SFTDataset:
         labels = np.full(self.seq_len, IGNORE_INDEX, dtype=np.int64)
         pos = 0
         for j in self._windows[i]:
-            ids, n_prompt = self.examples[j]
-            n_input = min(len(ids), self.seq_len - pos)
-            input_ids[pos:pos + n_input] = ids[:n_input]
-            # Position pos+k predicts ids[k+1]; it counts where ids[k+1] is a target token.
-            first, stop = max(n_prompt - 1, 0), min(len(ids) - 1, self.seq_len - pos)
-            labels[pos + first:pos + stop] = ids[first + 1:stop + 1]
+            ids, n_prompt = self.examples[j]  # len(ids) <= seq_len - pos: truncation and packing saw to it
+            input_ids[pos:pos + len(ids)] = ids
+            first = max(n_prompt, 1)  # the first target token, unless it would open the example
+            labels[pos + first:pos + len(ids)] = ids[first:]
             pos += len(ids)
         return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
