@@ -251,53 +251,30 @@ class GPTMoE(nn.Module):
             allowed = allowed & (keys | (k_pos == q_pos))
         return allowed, False
 
-    @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_id: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 top_p: float | None = None, eos_id: int | None = None, generator: torch.Generator | None = None,
+                 repetition_penalty: float = 1.0) -> Tensor:
         """Sample up to max_new_tokens after input_ids (B, T) with a KV cache; returns (B, T + new).
 
         temperature 0 is greedy. top_k keeps the k likeliest tokens, top_p the smallest set whose
         probability reaches p. A sequence that emits eos_id is padded with eos_id after it; generation
-        stops when all have. Runs in eval mode (deterministic, dropless routing), restoring the mode after.
+        stops when all have. Each row samples from its own generator, seeded from `generator` (else from
+        torch's global RNG). Runs in eval mode (deterministic, dropless routing), restoring the mode after.
+        Batches of prompts of different lengths, per-row settings and streaming: model.generation.Decoder.
         """
-        if input_ids.shape[1] + max_new_tokens > self.config.seq_len:
-            raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
-                             f"seq_len={self.config.seq_len}")
-        was_training = self.training
-        self.eval()
-        try:
-            cache = KVCache()
-            logits = self(input_ids, past_key_values=cache).logits[:, -1]
-            tokens = input_ids
-            finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            for step in range(max_new_tokens):
-                nxt = sample_next(logits, temperature, top_k, top_p, generator)
-                if eos_id is not None:
-                    nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
-                    finished |= nxt == eos_id
-                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-                if (eos_id is not None and bool(finished.all())) or step + 1 == max_new_tokens:
-                    break
-                logits = self(nxt[:, None], past_key_values=cache).logits[:, -1]
-            return tokens
-        finally:
-            self.train(was_training)
+        from .generation import Decoder, Request, SamplingParams
 
-
-def sample_next(logits_BV: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                generator: torch.Generator | None = None) -> Tensor:
-    """One token per row from logits (B, V): greedy at temperature 0, else softmax sampling after top-k/top-p."""
-    if temperature <= 0:
-        return logits_BV.argmax(dim=-1)
-    logits_BV = logits_BV.float() / temperature
-    if top_k is not None and top_k < logits_BV.shape[-1]:
-        kth = logits_BV.topk(top_k, dim=-1).values[:, -1:]
-        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = logits_BV.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # keeps the token that crosses p
-        logits_BV = logits_BV.masked_fill(drop_sorted.scatter(1, sorted_idx, drop_sorted), float("-inf"))
-    probs = logits_BV.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        b, t = input_ids.shape
+        if t + max_new_tokens > self.config.seq_len:
+            raise ValueError(f"prompt ({t}) + max_new_tokens ({max_new_tokens}) exceeds seq_len={self.config.seq_len}")
+        params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0,
+                      top_p=1.0 if top_p is None else top_p, repetition_penalty=repetition_penalty,
+                      stop_token_ids=() if eos_id is None else (eos_id,))
+        seeds = torch.randint(0, 2**62, (b,), generator=generator,
+                              device=generator.device if generator is not None else "cpu").tolist()
+        done = Decoder(self).run([Request(ids, SamplingParams(**params, seed=seed))
+                                  for ids, seed in zip(input_ids.tolist(), seeds)])
+        new = input_ids.new_full((b, max(len(c.token_ids) for c in done)), 0 if eos_id is None else eos_id)
+        for i, c in enumerate(done):
+            new[i, :len(c.token_ids)] = torch.tensor(c.token_ids)
+        return torch.cat([input_ids, new], dim=1)
