@@ -77,18 +77,29 @@ def iter_jsonl(path: Path, keys: Sequence[str]) -> Iterator[tuple[int, dict]]:
         where = f"{path}:{lineno}"
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except ValueError as err:
-            raise UsageError(f"{where}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise UsageError(f"{where}: a JSON {type(record).__name__}, not an object")
+        record = json_object(line, where)
         for key in keys:
             if key not in record:
                 raise UsageError(f"{where}: no key {key!r} (keys: {', '.join(map(repr, record)) or 'none'})")
-            if not isinstance(record[key], str):
-                raise UsageError(f"{where}: {key!r} is a {type(record[key]).__name__}, not a string")
+            string_field(record, key, where)
         yield lineno, record
+
+
+def json_object(line: str, where: str) -> dict:
+    """The JSON object on one line; UsageError naming `where` when it is not valid JSON or not an object."""
+    try:
+        record = json.loads(line)
+    except ValueError as err:
+        raise UsageError(f"{where}: not valid JSON ({err.msg})") from None
+    if not isinstance(record, dict):
+        raise UsageError(f"{where}: a JSON {type(record).__name__}, not an object")
+    return record
+
+
+def string_field(record: dict, key: str, where: str) -> str:
+    if not isinstance(record[key], str):
+        raise UsageError(f"{where}: {key!r} is a {type(record[key]).__name__}, not a string")
+    return record[key]
 
 
 @contextmanager

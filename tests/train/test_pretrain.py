@@ -73,8 +73,8 @@ def test_checkpoint_loads_into_one_process_with_every_expert(reference_run, tiny
     import torch
 
     from launcher.data.gpt_dataset import build_gpt_datasets
-    from launcher.generate import generate_text
     from launcher.training.checkpoint import load_for_inference
+    from model.generation import Decoder, Request, SamplingParams
 
     run, _ = reference_run
     model, tokenizer, tag = load_for_inference(run)
@@ -86,16 +86,35 @@ def test_checkpoint_loads_into_one_process_with_every_expert(reference_run, tiny
     with torch.no_grad():
         loss = float(model(tokens[:, :-1], labels=tokens[:, 1:]).loss)
     assert loss == pytest.approx(metrics(run, "valid")[6]["loss"], rel=1e-5)
-    text = generate_text(model, tokenizer, "def ", 8, temperature=0.0, top_k=None, top_p=None, seed=0)
-    assert text == generate_text(model, tokenizer, "def ", 8, temperature=0.0, top_k=None, top_p=None, seed=0)
+    greedy = [Request(tokenizer.encode("def "), SamplingParams(max_new_tokens=8, temperature=0))]
+    assert Decoder(model).run(greedy)[0].token_ids == Decoder(model).run(greedy)[0].token_ids
 
 
-def test_generate_cli(reference_run, capsys):
+def test_generate_cli(reference_run, tmp_path, capsys):
+    """The EP=2 checkpoint through `python -m launcher.generate`: a prompt file decoded 2 at a time gives each
+    prompt the greedy tokens it gets alone in process."""
     from launcher.generate import main
+    from launcher.training.checkpoint import load_for_inference
+    from model.generation import Decoder, Request, SamplingParams
 
-    assert main([str(reference_run[0]), "--prompt", "def", "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    run = reference_run[0]
+    prompts = ["def ", "import", "class A:", "x = 1"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main([str(run), "--input", str(tmp_path / "p.txt"), "--output", str(out), "--batch-size", "2",
+                 "--max-new-tokens", "6", "--temperature", "0", "--threads", "1"]) == 0
+    model, tokenizer, _ = load_for_inference(run)
+    for prompt, line in zip(prompts, out.read_text().splitlines()):
+        alone = Decoder(model).run([Request(tokenizer.encode(prompt), SamplingParams(
+            max_new_tokens=6, temperature=0, stop_token_ids=(tokenizer.eod_id,)))])[0]
+        assert json.loads(line) == {"prompt": prompt, "generation": alone.text(tokenizer.decode),
+                                    "tokens": len(alone.token_ids), "finish_reason": alone.finish_reason}
+    assert main([str(run), "--prompt", "def", "--max-new-tokens", "6", "--temperature", "0", "--threads", "1"]) == 0
     assert capsys.readouterr().out.startswith("def")
-    assert main([str(reference_run[0] / "nowhere")]) == 2
+    assert main([str(run / "nowhere")]) == 2
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
 
 
