@@ -6,7 +6,7 @@ through GPTMoEForCausalLM, at batch 1 and batch 8, with the KV cache and without
 
 "No cache" is, for ours, a plain greedy loop that runs GPTMoE.forward over the whole sequence each step, and for
 transformers `generate(use_cache=False)`. Every run generates exactly --new-tokens tokens per row (no stop token);
-the figure is new tokens (all rows) per second, the best of --repeats runs. Each pair is checked to produce the
+the figure is new tokens (all rows) per second, the best of --repeats runs (ours and theirs alternate). Each pair is checked to produce the
 same tokens. Prints the load average beside the figures; the last line is one JSON object.
 """
 from __future__ import annotations
@@ -47,13 +47,15 @@ def theirs(hf, prompts, new_tokens, cache: bool):
     return out[:, prompts.shape[1]:]
 
 
-def timed(fn, repeats):
-    best, out = float("inf"), None
+def timed_pair(fn_a, fn_b, repeats):
+    """Best time and output of each, run alternately so both see the same machine load."""
+    best, outs = [float("inf"), float("inf")], [None, None]
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        for i, fn in enumerate((fn_a, fn_b)):
+            start = time.perf_counter()
+            outs[i] = fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best, outs
 
 
 def main(argv=None) -> int:
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
 
@@ -85,8 +87,9 @@ def main(argv=None) -> int:
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = torch.randint(0, args.vocab, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(batch))
         for cache in (True, False):
-            t_ours, ids_ours = timed(lambda: ours(model, prompts, args.new_tokens, cache), args.repeats)
-            t_hf, ids_hf = timed(lambda: theirs(hf, prompts, args.new_tokens, cache), args.repeats)
+            (t_ours, t_hf), (ids_ours, ids_hf) = timed_pair(lambda: ours(model, prompts, args.new_tokens, cache),
+                                                            lambda: theirs(hf, prompts, args.new_tokens, cache),
+                                                            args.repeats)
             tokens = batch * args.new_tokens
             key = f"b{batch}_{'cache' if cache else 'nocache'}"
             results[key] = {"ours_tok_s": round(tokens / t_ours, 1), "transformers_tok_s": round(tokens / t_hf, 1),

@@ -108,11 +108,14 @@ class GPTMoEForCausalLM(PreTrainedModel, GenerationMixin):
         cache = _as_cache(cache if cache is not None else past_key_values)
         if use_cache and cache is None:
             cache = _new_cache(self.config)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # nothing to mask: plain causal attention, SDPA's fastest path
         if position_ids is None and attention_mask is not None:
             # Left-padded batches: count positions over real tokens only.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
-        out = self.model(input_ids, labels=None if labels is None else shift_labels(labels), position_ids=position_ids, attention_mask=attention_mask,
-                         past_key_values=cache, logits_to_keep=0 if labels is not None else logits_to_keep)
+        out = self.model(input_ids, labels=None if labels is None else shift_labels(labels),
+                         position_ids=position_ids, attention_mask=attention_mask, past_key_values=cache,
+                         logits_to_keep=0 if labels is not None else logits_to_keep)
         loss = None if out.loss is None else out.total_loss
         return GPTMoECausalLMOutput(loss=loss, logits=out.logits, aux_loss=out.aux_loss, lm_loss=out.loss,
                                     z_loss=out.z_loss, **{_CACHE_FIELD: cache})
