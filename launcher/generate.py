@@ -187,15 +187,16 @@ def run(args) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model, tokenizer, tag_dir = load_checkpoint(
-        args.checkpoint, device, dtype, expect=lambda mcfg: check_model_matches(mcfg, args.model_size, args.moe))
+
+    def expect(mcfg):  # checked before any weight is read
+        check_model_matches(mcfg, args.model_size, args.moe)
+        if args.seq_len is not None and args.seq_len > mcfg.seq_len:
+            raise UsageError(f"SEQ_LEN (--seq-len): got {args.seq_len}; the checkpoint's model has "
+                             f"{mcfg.seq_len} positions")
+
+    model, tokenizer, tag_dir = load_checkpoint(args.checkpoint, device, dtype, expect=expect)
     _log(f"# {tag_dir}")
-    seq_len = model.config.seq_len
-    if args.seq_len is not None:
-        if args.seq_len > seq_len:
-            raise UsageError(f"SEQ_LEN (--seq-len): got {args.seq_len}; the checkpoint's model has {seq_len} "
-                             "positions")
-        seq_len = args.seq_len
+    seq_len = args.seq_len or model.config.seq_len
 
     if texts is None:
         texts = [args.prompt] if args.prompt is not None else [""] * args.num_samples
