@@ -89,7 +89,7 @@ class StepUpdate:
     """What one step did for one row: the token it added, and why the row stopped if it did."""
     key: Hashable
     token: int
-    finish_reason: str | None  # None (running), "stop_token", "stop_string", "length"
+    finish_reason: str | None  # None (running), "stop_token", "stop_string", "length" ("cancelled": cancel())
 
 
 @dataclass
@@ -152,6 +152,20 @@ class Decoder:
         if request.params.stop_strings and self.decode is None:
             raise ValueError("stop_strings need a Decoder built with decode=tokenizer.decode")
         self.pending.append(request)
+
+    def cancel(self, key: Hashable) -> bool:
+        """Drop a pending or running request (its client went away): a running one leaves the batch now and
+        finishes with reason "cancelled" and the tokens it had. False when no such request is here."""
+        for i, request in enumerate(self.pending):
+            if request.key == key:
+                del self.pending[i]
+                return True
+        for i, row in enumerate(self.rows):
+            if row.request.key == key:
+                self.finished.append(Completion(key, list(row.request.prompt_ids), row.generated, "cancelled"))
+                self._select([j for j in range(len(self.rows)) if j != i])
+                return True
+        return False
 
     def has_work(self) -> bool:
         return bool(self.rows or self.pending)

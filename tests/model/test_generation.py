@@ -73,6 +73,25 @@ def test_requests_joining_a_running_batch_decode_as_alone(model):
     assert streamed["c"] == done["c"].token_ids == _without_cache(model, c, 10)
 
 
+def test_cancelled_request_leaves_the_batch_and_the_others_go_on(model):
+    a, b, c = _prompts(3, (4, 8, 2))
+    decoder = Decoder(model)
+    for key, prompt in zip("abc", (a, b, c)):
+        decoder.add(Request(prompt, GREEDY, key=key))
+    decoder.add(Request(a, GREEDY, key="never started"))
+    assert decoder.cancel("never started") and not decoder.cancel("unknown")
+    for _ in range(3):
+        decoder.step()
+    assert decoder.cancel("b")
+    assert [r.request.key for r in decoder.rows] == ["a", "c"] and decoder.cache.keys[0].shape[0] == 2
+    while decoder.has_work():
+        decoder.step()
+    done = {d.key: d for d in decoder.results()}
+    assert set(done) == {"a", "b", "c"}
+    assert done["b"].finish_reason == "cancelled" and done["b"].token_ids == _without_cache(model, b, 3)
+    assert done["a"].token_ids == _without_cache(model, a, 10) and done["c"].token_ids == _without_cache(model, c, 10)
+
+
 def test_same_seed_same_text_and_independent_of_batch_mates(model):
     prompts = _prompts(3)
     params = [SamplingParams(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.95, seed=i) for i in range(3)]
