@@ -183,7 +183,7 @@ def run(args) -> int:
     texts = read_prompts(args.input) if args.input else None
     if args.output is not None and os.path.isdir(args.output):
         raise UsageError(f"--output: {args.output} is a folder; allowed: a file path")
-    _log(set_threads(args.threads) if device.type == "cpu" else f"# device: {device}")
+    threads_line = set_threads(args.threads) if device.type == "cpu" else f"# device: {device}"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -195,6 +195,7 @@ def run(args) -> int:
                              f"{mcfg.seq_len} positions")
 
     model, tokenizer, tag_dir = load_checkpoint(args.checkpoint, device, dtype, expect=expect)
+    _log(threads_line)  # once the checkpoint loaded: a refusal stays one line
     _log(f"# {tag_dir}")
     seq_len = args.seq_len or model.config.seq_len
 
