@@ -34,7 +34,7 @@ from model.config import GPTMoEConfig
 
 def prepare_data(cfg: RunConfig) -> None:
     """With no DATA_PATH, tokenize the embedded corpus (the Python standard library) once, before any rank starts."""
-    if cfg.data_path:
+    if cfg.data_path or cfg.finetune:
         return
     from launcher.data.stdlib_corpus import build_stdlib_corpus
 
@@ -52,11 +52,17 @@ def tokenizer_vocab_size(cfg: RunConfig) -> int | None:
     return load_tokenizer(str(path), kind=cfg.tokenizer).vocab_size
 
 
-def resolve(argv: list[str], env) -> tuple[RunConfig, GPTMoEConfig, dict, dict[str, str]]:
-    """(run config, model config, DeepSpeed config, where each given setting came from): everything validated,
-    cheapest first; the corpus is built (run mode) only once all else is known good."""
+def build_pretrain_config(argv: list[str], env) -> tuple[RunConfig, dict[str, str]]:
+    """The pretraining script's line -> (RunConfig, where each setting given came from)."""
     settings, origins = resolve_settings(argv, env)
-    cfg = RunConfig.from_settings(settings)
+    return RunConfig.from_settings(settings), origins
+
+
+def resolve(argv: list[str], env, build=build_pretrain_config) -> tuple[RunConfig, GPTMoEConfig, dict, dict[str, str]]:
+    """(run config, model config, DeepSpeed config, where each given setting came from): everything validated,
+    cheapest first; the corpus is built (run mode) only once all else is known good.
+    `build(argv, env) -> (RunConfig, origins)`: the line's parser (pretraining's, or launcher.finetune_cli's)."""
+    cfg, origins = build(argv, env)
     ds = build_ds_config(cfg)
     check_ds_config(ds)
     check_inputs(cfg)
@@ -65,19 +71,21 @@ def resolve(argv: list[str], env) -> tuple[RunConfig, GPTMoEConfig, dict, dict[s
     return cfg, cfg.model_config(tokenizer_vocab_size(cfg)), ds, origins
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, build=build_pretrain_config, usage: str = USAGE,
+         module: str = "launcher.pretrain") -> int:
+    """`build`, `usage`: the line's parser and help; `module`: the entry point every process runs."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage)
         return 0 if argv else 2
     try:
-        cfg, mcfg, ds, origins = resolve(argv, os.environ)
+        cfg, mcfg, ds, origins = resolve(argv, os.environ, build)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run_config_path = cfg.run_dir / "run_config.json"
     ds_path = cfg.run_dir / "ds_config.json"
-    command, env = launch_command(cfg, ["--run-config", str(run_config_path)])
+    command, env = launch_command(cfg, ["--run-config", str(run_config_path)], module)
     # Everything is validated above: only now is anything written.
     cfg.save(run_config_path)
     write_text_atomic(cfg.to_yaml(given=origins), cfg.run_dir / "run_config.yaml")

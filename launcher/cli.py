@@ -18,6 +18,7 @@ from launcher.cluster import discover_cluster
 from launcher.config import (ENVIRONMENT, MODEL_FLAG_NAMES, POSITIONAL, RUN_FIELDS, SETTING_ALIASES, ZERO_ALIASES,
                              RunConfig, flag_name)
 from launcher.errors import UsageError
+from launcher.finetune_config import FINETUNE_FIELDS, FINETUNE_RESOLVED, FinetuneConfig
 from model.config import FIELDS as MODEL_FIELDS
 from model.config import ROUTER_ALLOWED, ConfigError, GPTMoEConfig, RouterKind
 
@@ -44,8 +45,8 @@ run file:    --config run.yaml: settings by flag name (lr: 3.0e-4); the line and
              dryrun writes RUN_DIR/run_config.yaml; `run --config RUN_DIR/run_config.yaml` repeats that run
 example:     bash examples/megatron/dlc_run_pretrain_megatron_gpt.sh run 1 jiebabpe 0.125B 8 0 1 1 sel none 10000"""
 
-# Settings only a positional argument sets.
-_NOT_FLAGS = {"mode"}
+# Settings only a positional argument (or the launcher) sets.
+_NOT_FLAGS = {"mode", *FINETUNE_RESOLVED}
 
 
 def _int(name: str, text: str, minimum: int = 1) -> int:
@@ -88,12 +89,14 @@ _POSITIONAL_PARSERS = {"MODE": str, "GPUS_PER_NODE": _int, "TOKENIZER": str, "MO
                        "SAVE_INTERVAL": _int}
 
 
-def parse_positional(args: Sequence[str]) -> dict:
+def parse_positional(args: Sequence[str], positional: Mapping[str, str] = POSITIONAL,
+                     parsers: Mapping = _POSITIONAL_PARSERS) -> dict:
     """The positional arguments given (all 11, or the first few when a run file gives the rest) -> settings.
-    Choices are checked by RunConfig and GPTMoEConfig."""
+    Choices are checked by RunConfig and GPTMoEConfig. `positional` (name -> setting) and `parsers` (name ->
+    parse(name, text), or str): another script's arguments (launcher.finetune_cli)."""
     out = {}
-    for (name, setting), text in zip(POSITIONAL.items(), args):
-        parse = _POSITIONAL_PARSERS[name]
+    for (name, setting), text in zip(positional.items(), args):
+        parse = parsers[name]
         out[setting] = text if parse is str else parse(name, text)
     return out
 
@@ -106,9 +109,10 @@ def _plain(t):
 
 
 def _setting_types() -> dict[str, object]:
-    """Every setting's type, run and model fields alike."""
-    hints = {**typing.get_type_hints(RunConfig), **typing.get_type_hints(GPTMoEConfig)}
-    return {name: _plain(hints[name]) for name in (*RUN_FIELDS, *MODEL_FIELDS)}
+    """Every setting's type, run, model and fine-tuning fields alike."""
+    hints = {**typing.get_type_hints(RunConfig), **typing.get_type_hints(GPTMoEConfig),
+             **typing.get_type_hints(FinetuneConfig)}
+    return {name: _plain(hints[name]) for name in (*RUN_FIELDS, *MODEL_FIELDS, *FINETUNE_FIELDS)}
 
 
 SETTING_TYPES = _setting_types()
@@ -251,10 +255,10 @@ def read_run_file(path: str) -> dict:
     return out
 
 
-def _split_line(argv: Sequence[str]) -> tuple[list[str], list[str], str | None]:
-    """(positional arguments, flags, --config FILE) of a launch line."""
+def _split_line(argv: Sequence[str], count: int) -> tuple[list[str], list[str], str | None]:
+    """(up to `count` positional arguments, flags, --config FILE) of a launch line."""
     n = 0
-    while n < min(len(argv), len(POSITIONAL)) and not argv[n].startswith("--"):
+    while n < min(len(argv), count) and not argv[n].startswith("--"):
         n += 1
     flags, run_file, i = [], None, n
     while i < len(argv):
@@ -271,23 +275,25 @@ def _split_line(argv: Sequence[str]) -> tuple[list[str], list[str], str | None]:
     return list(argv[:n]), flags, run_file
 
 
-def resolve_settings(argv: Sequence[str], env: Mapping[str, str]) -> tuple[dict, dict[str, str]]:
+def resolve_settings(argv: Sequence[str], env: Mapping[str, str], positional: Mapping[str, str] = POSITIONAL,
+                     parsers: Mapping = _POSITIONAL_PARSERS, usage: str = USAGE) -> tuple[dict, dict[str, str]]:
     """(settings, origin of each setting given) from a launch line and the environment. Origins: "line",
-    "environment", or the run file's path."""
-    positional, flag_args, run_file = _split_line(argv)
-    if len(positional) < len(POSITIONAL) and run_file is None:
-        raise UsageError(f"expected {len(POSITIONAL)} positional arguments, got {len(positional)}\n{USAGE}")
+    "environment", or the run file's path. `positional`, `parsers`, `usage`: the script's (default: pretraining's,
+    see parse_positional)."""
+    given, flag_args, run_file = _split_line(argv, len(positional))
+    if len(given) < len(positional) and run_file is None:
+        raise UsageError(f"expected {len(positional)} positional arguments, got {len(given)}\n{usage}")
     layers = [(run_file, read_run_file(run_file) if run_file else {}), ("environment", parse_env(env)),
-              ("line", parse_positional(positional)), ("line", parse_flags(flag_args))]
+              ("line", parse_positional(given, positional, parsers)), ("line", parse_flags(flag_args))]
     settings: dict = {}
     origins: dict[str, str] = {}
     for origin, values in layers:
         settings.update(values)
         origins.update(dict.fromkeys(values, origin))
-    for name, setting in POSITIONAL.items():
+    for name, setting in positional.items():
         if setting not in settings:
             raise UsageError(f"{name}: missing; give it on the line (positional argument "
-                             f"{list(POSITIONAL).index(name) + 1}) or in the --config file as {flag_name(setting)[2:]}")
+                             f"{list(positional).index(name) + 1}) or in the --config file as {flag_name(setting)[2:]}")
     # The cluster is discovered on each node, below everything else given.
     settings = {**discover_cluster(env, hostfile=settings.get("hostfile")), **settings}
     return settings, origins

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from launcher.errors import UsageError
 from launcher.files import write_json_atomic
+from launcher.finetune_config import (DERIVED_ALWAYS, DERIVED_UNLESS_GIVEN, FINETUNE_FIELDS, FINETUNE_RESOLVED,
+                                      FinetuneConfig)
 from launcher.presets import PRESETS, TRAIN_TOKENS, VOCAB_SIZE, WARMUP_TOKENS
 from model.config import FIELDS as MODEL_FIELDS
 from model.config import SIZES, ConfigError, GPTMoEConfig, check_known_keys, upgrade_legacy_fields
@@ -126,8 +128,12 @@ class RunConfig:
     # ep_size = min(experts, world size) (the largest common divisor). vocab_size is also the size of a
     # tokenizer trained for the run; the model trained gets the tokenizer's actual size (`model_config`).
     model: GPTMoEConfig | dict = field(default_factory=dict)
+    # --- fine-tuning (launcher.finetune): its settings, or None for pretraining ---
+    finetune: FinetuneConfig | dict | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.finetune, dict):
+            self.finetune = FinetuneConfig(**self.finetune)
         self._check_choices()
         self.model = self._resolve_model()
         self._fill_defaults()
@@ -137,10 +143,16 @@ class RunConfig:
 
     @classmethod
     def from_settings(cls, settings: Mapping) -> RunConfig:
-        """Flat settings, run and model alike (`{"lr": 3e-4, "hidden_size": 1024, ...}`) -> RunConfig."""
-        check_known_keys(settings, RUN_FIELDS + MODEL_FIELDS, "settings", UsageError)
+        """Flat settings, run, model and fine-tuning alike (`{"lr": 3e-4, "hidden_size": 1024, ...}`) -> RunConfig."""
+        check_known_keys(settings, RUN_FIELDS + MODEL_FIELDS + FINETUNE_FIELDS, "settings", UsageError)
         model = {k: v for k, v in settings.items() if k in MODEL_FIELDS}
-        return cls(**{k: v for k, v in settings.items() if k not in MODEL_FIELDS}, model=model)
+        finetune = {k: v for k, v in settings.items() if k in FINETUNE_FIELDS}
+        if finetune and "task_name" not in finetune:
+            given = ", ".join(flag_name(k) for k in finetune)
+            raise UsageError(f"{given}: fine-tuning settings; allowed only with "
+                             "examples/megatron/run_finetune_text_generation_gpt.sh (python -m launcher.finetune)")
+        run = {k: v for k, v in settings.items() if k in RUN_FIELDS}
+        return cls(**run, model=model, finetune=finetune or None)
 
     # ---------------- validation ----------------
     def _check_choices(self) -> None:
@@ -218,7 +230,8 @@ class RunConfig:
         shape = "".join(f"-{_SHAPE_TAGS[k]}{v}" for k, v in self.shape_changes().items())
         experts = m.num_experts if isinstance(m.num_experts, int) else "-".join(map(str, m.num_experts))
         moe = f"moe{experts}-{m.router_type.value}" if m.is_moe else "dense"
-        return (f"gpt-{self.model_size}{shape}-{moe}-{self.tokenizer}-mb{self.micro_batch}-gb{self.global_batch}"
+        task = f"{self.finetune.task_name}-finetune-" if self.finetune else ""
+        return (f"{task}gpt-{self.model_size}{shape}-{moe}-{self.tokenizer}-mb{self.micro_batch}-gb{self.global_batch}"
                 f"-seq{m.seq_len}-sp{self.sp_size}-ep{m.ep_size}-ac{m.recompute}-z{self.zero_stage}-{self.precision}")
 
     def _check_counts(self) -> None:
@@ -336,10 +349,16 @@ class RunConfig:
     def settings(self) -> dict:
         """Every setting, flat (run and model fields side by side), the router kind by name."""
         run = {f: getattr(self, f) for f in RUN_FIELDS}
-        return {**run, **self.model.to_dict()}
+        return {**run, **self.model.to_dict(), **(self.finetune.to_dict() if self.finetune else {})}
 
     def to_dict(self) -> dict:
-        return {**{f: getattr(self, f) for f in RUN_FIELDS}, "model": self.model.to_dict()}
+        return {**{f: getattr(self, f) for f in RUN_FIELDS}, "model": self.model.to_dict(),
+                "finetune": self.finetune.to_dict() if self.finetune else None}
+
+    @property
+    def script(self) -> str:
+        """The launch script of this kind of run."""
+        return "run_finetune_text_generation_gpt.sh" if self.finetune else "dlc_run_pretrain_megatron_gpt.sh"
 
     def to_yaml(self, given: Iterable[str] = ()) -> str:
         """The resolved settings as a run file (`--config`), by flag name. Left out: MODE (said on the line),
@@ -348,6 +367,8 @@ class RunConfig:
         import yaml
 
         skip = set(NOT_IN_RUN_FILE) | {k for k in MACHINE_DEFAULTS if k not in set(given)}
+        if self.finetune:  # derived from EPOCH and the data again when the file is read back
+            skip |= {*FINETUNE_RESOLVED, *DERIVED_ALWAYS, *(k for k in DERIVED_UNLESS_GIVEN if k not in set(given))}
         settings = self.settings()
         if self.run_name == self.default_run_name():
             skip.add("run_name")
@@ -355,7 +376,7 @@ class RunConfig:
         order = positional + [k for k in settings if k not in positional]
         data = {flag_name(k)[2:]: settings[k] for k in order if k not in skip and settings[k] is not None}
         header = (f"# Settings of run {self.run_name},\n# as the launcher resolved them. Repeat the run with\n"
-                  f"#   bash examples/megatron/dlc_run_pretrain_megatron_gpt.sh run --config THIS_FILE\n"
+                  f"#   bash examples/megatron/{self.script} run --config THIS_FILE\n"
                   f"# Positional arguments, flags and environment variables given there win over this file.\n")
         return header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
@@ -371,7 +392,7 @@ class RunConfig:
             if "model" not in data:
                 flat = upgrade_legacy_fields(data)
                 return cls.from_settings({_FLAT_RUN_CONFIG.get(k, k): v for k, v in flat.items()})
-            check_known_keys(data, (*RUN_FIELDS, "model"), str(path), UsageError)
+            check_known_keys(data, (*RUN_FIELDS, "model", "finetune"), str(path), UsageError)
             return cls(**{**data, "model": GPTMoEConfig.from_dict(data["model"])})
         except ConfigError as exc:
             raise _relabel(exc) from None
@@ -386,7 +407,7 @@ NOT_IN_RUN_FILE = ("mode", "num_nodes", "node_rank", "master_addr", "master_port
 # Settings whose default depends on the machine the launcher runs on.
 MACHINE_DEFAULTS = ("device", "precision")
 _SHAPE_TAGS = {"num_layers": "L", "hidden_size": "h", "num_heads": "a", "ffn_hidden_size": "f"}
-RUN_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RunConfig) if f.name != "model")
+RUN_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RunConfig) if f.name not in ("model", "finetune"))
 # run_config.json before the model settings were nested: the field names that differed.
 _FLAT_RUN_CONFIG = {"moe_interval": "moe_layer_interval"}
 

@@ -75,12 +75,16 @@ def summary(cfg: RunConfig, mcfg: GPTMoEConfig, ds_path: str, command: str,
         f"x {mcfg.seq_len} = {cfg.tokens_per_iter:,} tokens",
         f"schedule     {cfg.train_iters:,} iterations ({_count(cfg.train_tokens)} tokens), warm-up "
         f"{cfg.warmup_iters:,} iterations, lr {cfg.lr:g} -> {cfg.min_lr:g} {cfg.lr_decay}, seed {cfg.seed}",
+    ]
+    if cfg.finetune:
+        lines.append(_finetune(cfg))
+    lines += [
         f"precision    {cfg.precision}",
         f"zero         stage {cfg.zero_stage}" + (", optimizer offloaded to CPU" if cfg.offload == "cpu" else ""),
         f"recompute    {mcfg.recompute}",
         f"checkpoints  every {cfg.save_interval:,} iterations -> {cfg.run_dir / 'checkpoints'}"
         + (f"; resume from {cfg.load}" if cfg.load else ""),
-        f"paths        data {cfg.resolved_data_path} (split {cfg.split}); tokenizer {cfg.resolved_tokenizer_path}",
+        f"paths        {_data(cfg)}; tokenizer {cfg.resolved_tokenizer_path}",
         f"             run dir {cfg.run_dir}; deepspeed config {ds_path}",
     ]
     mem = estimate_memory(cfg, mcfg)
@@ -95,3 +99,20 @@ def summary(cfg: RunConfig, mcfg: GPTMoEConfig, ds_path: str, command: str,
         lines += _sources(cfg, origins)
     lines.append(f"launch       {command}")
     return "\n".join(lines)
+
+
+def _data(cfg: RunConfig) -> str:
+    if cfg.finetune:
+        return f"train {cfg.finetune.train_path}, valid {cfg.finetune.valid_path}"
+    return f"data {cfg.resolved_data_path} (split {cfg.split})"
+
+
+def _finetune(cfg: RunConfig) -> str:
+    ft = cfg.finetune
+    per_epoch = cfg.train_iters // ft.epochs
+    samples = f"{ft.samples} samples of up to {ft.sample_tokens} tokens" if ft.samples else "no samples"
+    return (f"finetune     task {ft.task_name}: {ft.epochs} epoch(s) x {per_epoch:,} iterations "
+            f"({'packed' if ft.pack else 'one example per sequence'}, loss on target tokens only), warm-up "
+            f"{ft.warmup_fraction:g} of them; after each epoch: validation ({cfg.eval_iters} steps), checkpoint "
+            f"(the last and the best are kept), {samples}\n"
+            f"             weights from {ft.pretrained} (optimizer and schedule start afresh)")

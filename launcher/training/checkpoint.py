@@ -2,6 +2,7 @@
 
     <run dir>/checkpoints/
         latest                      the tag of the newest COMPLETE checkpoint (replaced atomically)
+        best                        fine-tuning: the tag of the checkpoint with the lowest validation loss
         iter_0000020/               DeepSpeed: mp_rank_00_model_states.pt (dense weights), one file per expert
                                     (layer_<L>_expert_<global id>_mp_rank_00_model_states.pt), optimizer shards
             trainer_state.json      iteration, tokens seen, the layout that wrote it (processes, EP, ZeRO,
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from model.config import GPTMoEConfig
 
 LATEST = "latest"
+BEST = "best"
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG = "model_config.json"
 RUN_CONFIG = "run_config.json"
@@ -56,20 +58,28 @@ def tag_for(iteration: int) -> str:
 
 def find_checkpoint(path: str | Path) -> tuple[Path, str] | None:
     """(checkpoints folder, tag) for `path`: a checkpoints folder (its `latest`), a run folder (its
-    checkpoints/latest) or one tag folder. None when there is nothing complete to load."""
+    checkpoints/latest), one tag folder, or a pointer file (`checkpoints/latest`, `checkpoints/best`).
+    None when there is nothing complete to load."""
     path = Path(path)
     if (path / TRAINER_STATE).is_file():
         return path.parent, path.name
-    for folder in (path, path / "checkpoints"):
-        latest = folder / LATEST
-        if latest.is_file():
-            try:
-                tag = latest.read_text().strip()
-            except (OSError, UnicodeDecodeError):
-                return None
-            if tag and "/" not in tag and (folder / tag / TRAINER_STATE).is_file():
-                return folder, tag
+    pointers = [path] if path.name in (LATEST, BEST) and path.is_file() else \
+        [path / LATEST, path / "checkpoints" / LATEST]
+    for pointer in pointers:
+        if pointer.is_file():
+            tag = read_pointer(pointer)
+            if tag and (pointer.parent / tag / TRAINER_STATE).is_file():
+                return pointer.parent, tag
     return None
+
+
+def read_pointer(pointer: Path) -> str | None:
+    """The tag a `latest` or `best` file names, or None (unreadable, or not a tag name)."""
+    try:
+        tag = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return tag if tag and "/" not in tag else None
 
 
 def missing_load(source: str | Path) -> str:
@@ -84,6 +94,10 @@ def check_compatible(cfg: RunConfig, state: dict, where: Path) -> None:
         if key in state and state[key] != mine:
             raise UsageError(f"resume from {where}: the checkpoint was trained with {key}={state[key]}, this "
                              f"run has {mine}; exact resumption needs the same value")
+    digest = cfg.finetune.data_digest if cfg.finetune else None
+    if digest and state.get("data_digest") not in (None, digest):
+        raise UsageError(f"resume from {where}: it was fine-tuned on other data (TRAIN_DATASET_PATH's contents, "
+                         "--pack, SEQ_LEN or the .jsonl keys differ); exact resumption needs the same data")
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -377,8 +391,9 @@ class Checkpointer:
         self.last_saved: int | None = None
 
     # ------------------------------------------------------------------ save
-    def save(self, iteration: int, tokens: int) -> Path | None:
-        """Collective. Returns the tag folder, or None when this iteration is on disk already."""
+    def save(self, iteration: int, tokens: int, state: dict | None = None) -> Path | None:
+        """Collective. Returns the tag folder, or None when this iteration is on disk already. `state`: more
+        fields for trainer_state.json (fine-tuning: the validation loss)."""
         if self.last_saved == iteration:
             return None
         tag = tag_for(iteration)
@@ -396,11 +411,28 @@ class Checkpointer:
             write_json_atomic({"iteration": iteration, "tokens": tokens, "train_iters": self.cfg.train_iters,
                                "world_size": self.cfg.world_size, "global_batch": self.cfg.global_batch,
                                "seq_len": self.cfg.model.seq_len, "layout": asdict(Layout.of_run(self.cfg)),
-                               "files": {**_listing(tag_dir), **sizes}}, tag_dir / TRAINER_STATE)
+                               "files": {**_listing(tag_dir), **sizes}, **(state or {})}, tag_dir / TRAINER_STATE)
             write_text_atomic(tag + "\n", self.folder / LATEST)
         barrier()  # nobody moves on (or exits) before `latest` names a complete checkpoint
         self.last_saved = iteration
         return tag_dir
+
+    def keep_last_and_best(self, tag_dir: Path, valid_loss: float | None) -> Path | None:
+        """Rank 0, after `save`: point `best` at tag_dir if its validation loss is the lowest so far, then delete
+        every checkpoint but the latest and the best. Returns the best tag folder."""
+        best = self.folder / BEST
+        best_tag = read_pointer(best) if best.is_file() else None
+        best_loss = None
+        if best_tag and (self.folder / best_tag / TRAINER_STATE).is_file():
+            best_loss = read_json(self.folder / best_tag / TRAINER_STATE).get("valid_loss")
+        if valid_loss is not None and (best_loss is None or valid_loss < best_loss):
+            write_text_atomic(tag_dir.name + "\n", best)
+            best_tag = tag_dir.name
+        keep = {read_pointer(self.folder / LATEST), best_tag}
+        for old in self.folder.glob("iter_*"):
+            if old.is_dir() and old.name not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+        return self.folder / best_tag if best_tag else None
 
     # ------------------------------------------------------------------ load
     def _source(self):
@@ -491,12 +523,41 @@ def _agree(error: str | None) -> None:
         raise UsageError(first)
 
 
+def check_model_files(tag_dir: Path):
+    """The GPTMoEConfig of checkpoint tag_dir, once the files holding its weights (written at any EP size) are
+    checked: present, at the size written, data only. What loading the weights alone reads."""
+    mcfg = read_model_config(tag_dir)
+    state = read_trainer_state(tag_dir)
+    files = {name: size for name, size in expected_files(tag_dir, state, Layout(1, 1, 0, "fp32"), mcfg).items()
+             if "_model_states.pt" in name or name == MODEL_CONFIG}
+    check_files(tag_dir, files)
+    return mcfg
+
+
+def load_model_weights(model, tag_dir: Path) -> None:
+    """The weights of checkpoint tag_dir, and nothing else of it, into `model`: the experts `model` holds,
+    whatever expert-parallel size wrote them; a position table longer than the model's is cut to its seq_len.
+    Every file through `safe_load`. UsageError (one line naming the file) when it does not fit."""
+    from model.checkpoint import CheckpointError, _first_mismatch, read_deepspeed_checkpoint
+
+    try:
+        state = read_deepspeed_checkpoint(model, tag_dir.parent, tag_dir.name)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    positions = model.config.seq_len
+    if "wpe.weight" in state and state["wpe.weight"].shape[0] > positions:
+        state["wpe.weight"] = state["wpe.weight"][:positions]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UsageError(f"checkpoint {tag_dir}: does not fit the model: {_first_mismatch(str(exc))}") from None
+
+
 def load_for_inference(path: str | Path, device: str = "cpu"):
     """(model in eval mode, tokenizer, tag folder) from a run folder, a checkpoints folder or a tag folder,
     in one process: no torch.distributed, every expert local, fp32. Raises UsageError (one line naming the file)
     for a missing, incomplete, unreadable, unsafe or mismatched checkpoint."""
     from launcher.data.tokenizer import load_tokenizer
-    from model.checkpoint import CheckpointError, load_deepspeed_checkpoint
     from model.gpt import GPTMoE
 
     found = find_checkpoint(path)
@@ -504,17 +565,10 @@ def load_for_inference(path: str | Path, device: str = "cpu"):
         raise UsageError(f"{path}: no complete checkpoint (a run folder, a checkpoints folder with a "
                          f"'{LATEST}' file, or a tag folder with {TRAINER_STATE})")
     tag_dir = found[0] / found[1]
-    saved = read_model_config(tag_dir)
+    saved = check_model_files(tag_dir)
     mcfg = type(saved).from_dict({**saved.to_dict(), "ep_size": 1, "recompute": "none"})
-    state = read_trainer_state(tag_dir)
-    files = {name: size for name, size in expected_files(tag_dir, state, Layout(1, 1, 0, "fp32"), mcfg).items()
-             if "_model_states.pt" in name or name == MODEL_CONFIG}
-    check_files(tag_dir, files)
     model = GPTMoE(mcfg, ep_rank=0)
-    try:
-        load_deepspeed_checkpoint(model, found[0], found[1])  # every expert's file, whatever EP wrote them
-    except CheckpointError as exc:
-        raise UsageError(str(exc)) from None
+    load_model_weights(model, tag_dir)  # every expert's file, whatever EP wrote them
     model = model.float().to(device).eval()
     try:
         tokenizer = load_tokenizer(tag_dir / "tokenizer")

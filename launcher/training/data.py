@@ -5,6 +5,10 @@ samples [i x global batch, (i+1) x global batch) of the train split, so a resume
 iteration to continue the exact data order. Within an iteration, micro step m and data-parallel rank d take
 `micro_batch` consecutive samples; the ranks of one sequence-parallel group take the same sample and each
 its slice of the sequence.
+
+A data source (`PretrainData` here, `launcher.training.sft_data.FinetuneData` for fine-tuning) gives the
+trainer `train_batch(iteration, micro_step)` and `valid_batches()`: one validation pass of this rank, the
+same number of batches on every rank (the expert-parallel all-to-all is collective).
 """
 from __future__ import annotations
 
@@ -72,7 +76,11 @@ class Batches:
     def _collate(self, dataset, indices: range) -> Batch:
         samples = np.stack([np.asarray(dataset[i], dtype=np.int64) for i in indices])  # (B, T + 1)
         tokens = torch.from_numpy(samples)
-        input_ids, labels = tokens[:, :-1], tokens[:, 1:]
+        return self.place(tokens[:, :-1], tokens[:, 1:])
+
+    def place(self, input_ids: torch.Tensor, labels: torch.Tensor) -> Batch:
+        """Whole sequences (B, T) -> this rank's Batch: its slice of them under sequence parallelism, on its
+        device. `labels` already shifted (labels[:, t] is the token after input_ids[:, t], or -100)."""
         position_ids = None
         p = self.placement
         if p.sp_size > 1:
@@ -88,3 +96,21 @@ class Batches:
 
     def valid(self, dataset, eval_step: int) -> Batch:
         return self._collate(dataset, self._indices(0, eval_step))
+
+
+class PretrainData:
+    """Pretraining's data source: packed samples of the indexed dataset (DATA_PATH), split train/valid."""
+
+    def __init__(self, cfg: RunConfig, placement: Placement, barrier, vocab_size: int):
+        self.train, self.valid = build_datasets(cfg, placement, barrier, vocab_size)
+        self.batches = Batches(cfg, placement)
+        self.eval_iters = cfg.eval_iters
+
+    def train_batch(self, iteration: int, micro_step: int) -> Batch:
+        return self.batches.train(self.train, iteration, micro_step)
+
+    def valid_batches(self):
+        if self.valid is None or len(self.valid) == 0:
+            return
+        for step in range(self.eval_iters):
+            yield self.batches.valid(self.valid, step)

@@ -4,6 +4,9 @@ Each iteration: `grad_accum` micro batches forward and backward, then ONE all-re
 (losses, a non-finite flag, the stop request, grad-norm parts) that every rank needs anyway, and only then
 the optimizer step. So a NaN/inf loss is caught before it reaches the weights, and a SIGTERM seen by any
 rank stops every rank after the same iteration.
+
+What it trains on is its data source (`build_data`); `launcher.training.finetune.FinetuneTrainer` is this loop
+with SFT data, pretrained weights and what fine-tuning does at the end of each epoch.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch
 
 from launcher.errors import UsageError
 from launcher.training.checkpoint import Checkpointer
-from launcher.training.data import Batches, build_datasets
+from launcher.training.data import PretrainData
 from launcher.training.distributed import Placement, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from launcher.training.metrics import ExpertLoad, MetricsWriter, flops_per_token, format_train_line
 from launcher.training.optim import build_optimizer, set_lr
@@ -79,20 +82,27 @@ class Trainer:
 
         self.cfg = cfg
         self.placement = p = init_distributed(cfg)
-        tokenizer = load_tokenizer(cfg.resolved_tokenizer_path, kind=cfg.tokenizer)
+        self.tokenizer = tokenizer = load_tokenizer(cfg.resolved_tokenizer_path, kind=cfg.tokenizer)
         self.mcfg = cfg.model_config(tokenizer.vocab_size)
         model = build_model(cfg, self.mcfg, p)
+        self.initial_weights(model)
         # Recompute (sel/full) is the model's own torch.utils.checkpoint; nothing to configure on DeepSpeed's side.
         ds = engine_config(cfg, ds_config_path)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds)
         # ZeRO and the mixed-precision optimizers report the grad norm they clipped with; plain fp32 does not.
         self.own_grad_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
         self.expert_replicas = cfg.world_size // cfg.model.ep_size  # ranks holding each expert (expert-data-parallel)
-        self.train_data, self.valid_data = build_datasets(cfg, p, barrier, tokenizer.vocab_size)
-        self.batches = Batches(cfg, p)
+        self.data = self.build_data()
         self.schedule = LRSchedule.from_run_config(cfg)
         self.checkpointer = Checkpointer(cfg, self.mcfg, p, self.engine, cfg.resolved_tokenizer_path)
         self.flops_per_token = flops_per_token(self.mcfg, cfg.model.seq_len)
+
+    # ------------------------------------------------------------------ what is trained, on what
+    def initial_weights(self, model) -> None:
+        """Before the engine takes `model`: pretraining starts from the model's own initialisation."""
+
+    def build_data(self):
+        return PretrainData(self.cfg, self.placement, barrier, self.tokenizer.vocab_size)
 
     # ------------------------------------------------------------------ one iteration
     def _grad_sq(self) -> torch.Tensor:
@@ -111,7 +121,7 @@ class Trainer:
         set_lr(engine.optimizer, self.schedule(iteration))
         sums = torch.zeros(3, dtype=torch.float64, device=self.placement.device)  # lm, aux, z; no host sync
         for micro_step in range(cfg.grad_accum):
-            batch = self.batches.train(self.train_data, iteration, micro_step)
+            batch = self.data.train_batch(iteration, micro_step)
             out = engine(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids)
             aux = _as_tensor(out.aux_loss, out.loss)
             z = _as_tensor(out.z_loss, out.loss)
@@ -146,17 +156,21 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean LM loss over the validation set's first `eval_iters` global micro batches, and perplexity."""
-        if self.cfg.eval_iters == 0 or self.valid_data is None or len(self.valid_data) == 0:
-            return {}
+        """LM loss per predicted token over one validation pass of the data source (every rank's share), and
+        perplexity; {} when there is nothing to validate on."""
         self.engine.eval()
-        total = 0.0
-        for step in range(self.cfg.eval_iters):
-            batch = self.batches.valid(self.valid_data, step)
-            total += float(self.engine(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids).loss)
+        total, tokens = 0.0, 0
+        for batch in self.data.valid_batches():
+            loss = self.engine(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids).loss
+            n = int((batch.labels != -100).sum())
+            if n:  # a batch with nothing to predict (padding a rank's share) has a NaN mean
+                total += float(loss) * n
+                tokens += n
         self.engine.train()
-        batches = self.cfg.eval_iters * self.cfg.world_size
-        loss = float(all_reduce_sum([total], self.placement.device)[0]) / batches
+        total, tokens = all_reduce_sum([total, tokens], self.placement.device).tolist()
+        if not tokens:
+            return {}
+        loss = total / tokens
         return {"loss": loss, "ppl": math.exp(min(loss, 700.0))}
 
     # ------------------------------------------------------------------ the run
@@ -168,6 +182,8 @@ class Trainer:
             writer.message(f"already trained: {start} of {cfg.train_iters} iterations are in the checkpoint")
         elif start:
             writer.message(f"resumed from iteration {start} ({start * cfg.tokens_per_iter:,} tokens)")
+        else:
+            self.before_training(writer)
         load = ExpertLoad(self.mcfg.moe_layer_indices())
         interval = {"lm": 0.0, "aux": 0.0, "z": 0.0, "iters": 0, "time": 0.0}
         skipped_before = self.engine.skipped_steps
@@ -204,6 +220,9 @@ class Trainer:
                   f"{last_eval['loss']:.4f}, perplexity {last_eval['ppl']:.2f}", flush=True)
         return 0
 
+    def before_training(self, writer) -> None:
+        """A run starting from iteration 0 (not resumed): nothing to do before pretraining."""
+
     def _log(self, writer, iteration, interval, reduced, load, skipped_before) -> None:
         n = interval["iters"]
         tokens_per_s = n * self.cfg.tokens_per_iter / interval["time"]
@@ -228,11 +247,13 @@ class Trainer:
             writer.flush()
         return result
 
-    def _save(self, writer, iteration) -> None:
+    def _save(self, writer, iteration, state: dict | None = None) -> Path | None:
+        """Collective; returns the tag folder written (None: this iteration was saved already)."""
         t0 = time.perf_counter()
-        tag_dir = self.checkpointer.save(iteration, iteration * self.cfg.tokens_per_iter)
+        tag_dir = self.checkpointer.save(iteration, iteration * self.cfg.tokens_per_iter, state)
         if tag_dir is not None:
             writer.message(f"checkpoint saved: {tag_dir} ({time.perf_counter() - t0:.1f} s)")
+        return tag_dir
 
 
 def _as_tensor(value, like: torch.Tensor) -> torch.Tensor:
@@ -245,8 +266,12 @@ def _as_tensor(value, like: torch.Tensor) -> torch.Tensor:
 def pretrain(cfg: RunConfig, ds_config_path: Path | None = None) -> int:
     """Run (or resume) the training `cfg` describes on this process; returns the exit code."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury the progress
+    if cfg.finetune:
+        from launcher.training.finetune import FinetuneTrainer as trainer_class
+    else:
+        trainer_class = Trainer
     try:
-        trainer = Trainer(cfg, ds_config_path)
+        trainer = trainer_class(cfg, ds_config_path)
     except UsageError as exc:  # e.g. data tokenized with another tokenizer: every rank finds it
         _report(exc)
         return 2
