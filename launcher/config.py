@@ -118,6 +118,7 @@ class RunConfig:
     log_interval: int = 10
     eval_interval: int = 100
     eval_iters: int = 10
+    exit_interval: int | None = None  # save and stop after an iteration that is a multiple of it (Megatron's flag)
     tokenizer_path: str | None = None
     run_name: str | None = None
     device: str | None = None  # cuda | cpu; None = cuda when available
@@ -242,6 +243,9 @@ class RunConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 _fail(name, value, "an integer >= 1")
+        if self.exit_interval is not None and (isinstance(self.exit_interval, bool)
+                                               or not isinstance(self.exit_interval, int) or self.exit_interval < 1):
+            _fail("--exit-interval", self.exit_interval, "an integer >= 1")
         if self.warmup_tokens < 0 or self.eval_iters < 0:
             _fail("WARMUP_TOKENS" if self.warmup_tokens < 0 else "--eval-iters",
                   min(self.warmup_tokens, self.eval_iters), "an integer >= 0")

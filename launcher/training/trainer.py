@@ -202,16 +202,21 @@ class Trainer:
                 interval["iters"] += 1
                 interval["time"] += elapsed
                 writer.step(cfg.tokens_per_iter / elapsed, float(reduced[LM]) / world)
-                if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters or reduced[STOP]:
+                # Every rank sees the same iteration, so an exit interval stops them together, as a signal does.
+                leave = bool(reduced[STOP]) or bool(cfg.exit_interval and iteration % cfg.exit_interval == 0
+                                                    and iteration < cfg.train_iters)
+                if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters or leave:
                     self._log(writer, iteration, interval, reduced, load, skipped_before)
                     skipped_before = self.engine.skipped_steps
                 if iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters:
                     last_eval = self._eval(writer, iteration)
-                if iteration % cfg.save_interval == 0 or iteration == cfg.train_iters or reduced[STOP]:
+                if iteration % cfg.save_interval == 0 or iteration == cfg.train_iters or leave:
                     self._save(writer, iteration)
-                if reduced[STOP]:
-                    writer.message(f"{stop.requested or 'stop request from another rank'}: checkpoint saved at "
-                                   f"iteration {iteration}; run the same command again to resume")
+                if leave:
+                    why = ((stop.requested or "stop request from another rank") if reduced[STOP]
+                           else f"--exit-interval {cfg.exit_interval}")
+                    writer.message(f"{why}: checkpoint saved at iteration {iteration}; run the same command again "
+                                   "to resume")
                     return 0
         finally:
             writer.close()

@@ -10,6 +10,7 @@ from launcher.cluster import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "megatron" / "dlc_run_pretrain_megatron_gpt.sh"
+FINETUNE_SCRIPT = ROOT / "examples" / "megatron" / "run_finetune_text_generation_gpt.sh"
 
 # Every launch: nano (2 layers, hidden 64), 32-token sequences, global batch 8 = 256 tokens per iteration.
 SEQ = 32
@@ -41,9 +42,9 @@ def load_scaled(seconds: float) -> float:
     return seconds * min(8.0, max(1.0, busy))
 
 
-def launch(positional: str, env: dict, *more: str, timeout: float = 240, check: bool = True):
+def launch(positional: str, env: dict, *more: str, timeout: float = 240, check: bool = True, script: Path = SCRIPT):
     """Run the positional script; returns the CompletedProcess (stdout and stderr together)."""
-    cmd = ["bash", str(SCRIPT), *positional.split(), *more]
+    cmd = ["bash", str(script), *positional.split(), *more]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=load_scaled(timeout))
     if check and proc.returncode != 0:
