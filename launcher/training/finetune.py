@@ -106,17 +106,17 @@ class FinetuneTrainer(Trainer):
 
 
 def generate_samples(tag_dir: Path, prompts: list[str], max_new_tokens: int, device) -> list[str]:
-    """Greedy continuations of `prompts` by checkpoint tag_dir, each stopping at the end-of-document token."""
-    import torch
+    """Greedy continuations of `prompts` by checkpoint tag_dir, decoded as one batch, each stopping at the
+    end-of-document token or where the model's positions run out."""
+    from launcher.generate import fit_prompts
+    from launcher.inference import load_checkpoint
+    from model.generation import Decoder, Request, SamplingParams
 
-    from launcher.training.checkpoint import load_for_inference
-
-    model, tokenizer, _ = load_for_inference(tag_dir, device)
-    out = []
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt) if prompt else [tokenizer.eod_id]
-        ids = ids[-(model.config.seq_len - 1):]
-        new = min(max_new_tokens, model.config.seq_len - len(ids))
-        tokens = model.generate(torch.tensor([ids], device=device), new, temperature=0.0, eos_id=tokenizer.eod_id)
-        out.append(tokenizer.decode([t for t in tokens[0, len(ids):].tolist() if t != tokenizer.eod_id]))
-    return out
+    model, tokenizer, _ = load_checkpoint(tag_dir, device)
+    ids = [tokenizer.encode(p) if p else [tokenizer.eod_id] for p in prompts]  # "": a new document
+    fitted, _ = fit_prompts(ids, None, max_new_tokens, model.config.seq_len)
+    stop = (tokenizer.eod_id,)
+    done = Decoder(model, decode=tokenizer.decode, pad_id=tokenizer.pad_id).run(
+        [Request(p, SamplingParams(max_new_tokens=budget, temperature=0.0, stop_token_ids=stop))
+         for p, budget in fitted])
+    return [c.text(tokenizer.decode) for c in done]

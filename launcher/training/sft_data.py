@@ -23,6 +23,7 @@ import torch
 from launcher.data.sft import IGNORE_INDEX, SFTDataset, read_pairs
 from launcher.errors import UsageError
 from launcher.training.data import Batch, Batches
+from model import shift_labels
 
 if TYPE_CHECKING:
     from launcher.config import RunConfig
@@ -50,11 +51,6 @@ def data_digest(cfg: RunConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def model_labels(labels_BT: torch.Tensor) -> torch.Tensor:
-    """SFTDataset's labels as GPTMoE.forward takes them: position t scored on the token at t + 1."""
-    return labels_BT
-
-
 class FinetuneData:
     def __init__(self, cfg: RunConfig, placement: Placement, tokenizer: Tokenizer):
         self.cfg = cfg
@@ -77,7 +73,8 @@ class FinetuneData:
 
     def _collate(self, items: list[dict]) -> Batch:
         input_ids = torch.stack([item["input_ids"] for item in items])  # (B, T)
-        labels = model_labels(torch.stack([item["labels"] for item in items]))  # (B, T)
+        # SFTDataset's labels are aligned with input_ids; GPTMoE.forward scores position t on the token at t + 1
+        labels = shift_labels(torch.stack([item["labels"] for item in items]))  # (B, T)
         return self.batches.place(input_ids, labels)
 
     def train_batch(self, iteration: int, micro_step: int) -> Batch:
