@@ -9,6 +9,10 @@ For each expert count E it times, on the same random input and output gradient:
   deepspeed   deepspeed.moe.layer.MoE with the same settings (top-1, top-2; it has no expert choice)
   experts     our stacked experts alone on a ready (E, T/E, D) buffer, no router, dispatch or combine:
               the floor of top-1 (E x larger weights and weight gradients, smaller GEMMs, same FLOPs)
+and two parts of the layer against the plain way of writing them:
+  dispatch+combine  top-1 with drops: model/moe/dispatch.py's hand-written backward vs the same gather and
+                    weighted index_add through autograd
+  expert softmax    model/moe/router.py's expert_softmax vs torch.softmax over the expert dim (forward only)
 Expert choice has a fixed capacity by definition, so it has no dropless training mode (its dropless path is
 per-token inference routing). Every MoE includes its router, dispatch, combine and the balancing loss in the
 backward pass. Times are medians over --repeats runs after warm-up; ratios are to the FLOP-matched dense
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import statistics
 import sys
 import time
@@ -36,10 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.config import GPTMoEConfig  # noqa: E402
 from model.moe.experts import GroupedExperts  # noqa: E402
+from model.moe.dispatch import CapacityDispatcher  # noqa: E402
 from model.moe.layer import MLP, MoELayer  # noqa: E402
+from model.moe.router import TopKRouter, expert_softmax  # noqa: E402
 
+# expert choice at 2 experts per token on average
 ROUTERS = {"top1": dict(router_type="top1"), "top2": dict(router_type="top2"),
-           "ec": dict(router_type="expert_choice", expert_choice_k=2.0)}  # expert choice, 2 experts per token on average
+           "ec": dict(router_type="expert_choice", expert_choice_k=2.0)}
 DENSE_WIDTH = {"top1": 1, "top2": 2, "ec": 2}  # FFN width multiple with the same active FLOPs
 
 
@@ -104,6 +112,33 @@ def deepspeed_moe(args, num_experts: int, router: str, drop: bool):
     return layer.train()
 
 
+def parts(args, num_experts: int, x, grad) -> dict:
+    """Steps timing dispatch + combine and the expert softmax against their plain autograd forms."""
+    router = TopKRouter(args.hidden, num_experts, 1, capacity_factor=1.0, min_capacity=4, drop_tokens=True).train()
+    routing = router(x.detach())
+    dispatcher = CapacityDispatcher(routing, num_experts, routing.capacity, x.shape[0])
+    weight_R = routing.weight_R.detach().requires_grad_()
+    rows = dispatcher.rows
+    kept_R = (routing.position_R < routing.capacity).float()
+
+    def ours_step():
+        x.grad = weight_R.grad = None
+        out = dispatcher.combine(dispatcher.dispatch(x), weight_R)
+        out.backward(grad)
+
+    def autograd_step():
+        x.grad = weight_R.grad = None
+        buffer_ND = x.index_select(0, rows.source_N) * rows.filled_N.unsqueeze(-1)
+        routed_RD = buffer_ND.index_select(0, rows.read_R) * (weight_R * kept_R).unsqueeze(-1)
+        out = torch.zeros_like(x).index_add(0, routing.token_R, routed_RD)
+        out.backward(grad)
+
+    logits_TE = torch.randn(x.shape[0], num_experts)
+    return {"dispatch_combine/ours": ours_step, "dispatch_combine/plain": autograd_step,
+            "softmax/ours": lambda: expert_softmax(logits_TE),
+            "softmax/plain": lambda: torch.softmax(logits_TE, dim=-1)}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
@@ -124,10 +159,18 @@ def main(argv=None) -> dict:
     grad = torch.randn(args.tokens, args.hidden)
     print(f"# {args.tokens} tokens, hidden {args.hidden}, ffn {args.ffn}, fp32, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, malloc {'keeps freed memory' if heap else 'glibc default'}; "
-          f"forward+backward, median of {args.repeats} (ms)")
+          f"forward+backward, median of {args.repeats} (ms); load average {os.getloadavg()}")
 
     result = {"tokens": args.tokens, "hidden": args.hidden, "ffn": args.ffn, "threads": torch.get_num_threads(),
               "malloc": "heap" if heap else "system", "ms": {}, "ratio": {}}
+    for e in args.experts:
+        ms = timed(parts(args, e, x, grad), args.repeats)
+        for part in ("dispatch_combine", "softmax"):
+            ours_ms, plain_ms = ms[f"{part}/ours"], ms[f"{part}/plain"]
+            result["ms"].update({f"E{e}/{part}/ours": round(ours_ms, 3), f"E{e}/{part}/plain": round(plain_ms, 3)})
+            result["ratio"][f"E{e}/{part}"] = round(plain_ms / ours_ms, 3)
+            print(f"E={e:<3} {part:17s} ours {ours_ms:8.3f}  plain {plain_ms:8.3f}  "
+                  f"plain/ours {plain_ms / ours_ms:5.2f}")
     for e in args.experts:
         steps = {}
         for width in sorted(set(DENSE_WIDTH.values())):
@@ -164,6 +207,7 @@ def main(argv=None) -> dict:
             result["ms"][key] = round(value, 2)
             result["ratio"][key] = round(value / base, 3)
             print(f"{key:28s}  {value:8.1f}  {value / base:5.2f}x dense")
+    result["loadavg"] = os.getloadavg()
     print(json.dumps(result))
     return result
 

@@ -272,7 +272,8 @@ class RunConfig:
         m = self.model
         nodes = f"(= {self.num_nodes} nodes x {self.gpus_per_node} processes)"
         if self.world_size % m.ep_size:
-            raise UsageError(f"EP_SIZE: got {m.ep_size}; allowed: a divisor of the world size {self.world_size} {nodes}")
+            raise UsageError(f"EP_SIZE: got {m.ep_size}; allowed: a divisor of the world size {self.world_size} "
+                             f"{nodes}")
         if self.world_size % self.sp_size:
             raise UsageError(f"SP: got {self.sp_size}; allowed: a divisor of the world size {self.world_size} {nodes}")
         if m.num_heads % self.sp_size:

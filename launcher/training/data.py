@@ -47,8 +47,9 @@ def build_datasets(cfg: RunConfig, placement: Placement, barrier, vocab_size: in
     num_samples = (cfg.train_iters * cfg.global_batch, max(1, eval_samples(cfg)), 0)
 
     def build():
-        train, valid, _ = build_gpt_datasets(cfg.resolved_data_path, cfg.split, cfg.model.seq_len, cfg.seed, num_samples,
-                                             vocab_size=vocab_size)  # index cached beside the data
+        # the index is cached beside the data
+        train, valid, _ = build_gpt_datasets(cfg.resolved_data_path, cfg.split, cfg.model.seq_len, cfg.seed,
+                                             num_samples, vocab_size=vocab_size)
         return train, valid
 
     if placement.is_main:

@@ -3,30 +3,31 @@
 Shape suffixes: T tokens, D model dim, E experts (global), L local experts, P expert-parallel ranks,
 C capacity (slots per expert), R routes, N rows of the expert buffer.
 
-Two layouts, one interface (dispatch -> compute -> combine):
+Two layouts, one interface: `dispatch(x)` builds the experts' input, the experts run on it (the MoE layer
+calls them, see `model/moe/layer.py`), `combine(y, weight_R)` brings their output back weighted by the
+router's weights, which it takes as an argument. A dispatcher holds the layout only, built from a routing.
 
 - `CapacityDispatcher`: an (E, C, D) buffer, C slots per expert. Fixed shapes let it ride an all-to-all
   when experts live on several ranks, and one batched GEMM computes all local experts. Used when routing
   has a capacity (token-dropping training, expert choice in training) and whenever EP > 1 (dropless then
   sizes C to the busiest expert across the expert-parallel group).
-- `GroupedDispatcher`: the (R, D) routes sorted by expert, no padding; a grouped GEMM computes each
-  expert's segment. Used for dropless routing on one rank, which includes evaluation and generation.
+- `GroupedDispatcher`: the (R, D) routes sorted by expert, no padding (`rows_per_expert` says how many rows
+  each expert's segment has); a grouped GEMM computes each segment. Used for dropless routing on one rank,
+  which includes evaluation and generation.
 
 Both describe the layout as a `RowMap` (which token feeds each buffer row, which row holds each route) and
 move rows with two autograd functions whose backward passes are written out: `_Dispatch` gathers token
 rows into the buffer, `_Combine` gathers buffer rows back and sums each token's routes weighted by the
 router, in fp32. Written by hand, each backward is a gather rather than autograd's zero-fill plus
-scatter-add, and the combine's two gradients share one gather: dispatch + combine, forward and backward,
-run about 1.7x faster on a CPU than the same steps through autograd. Top-k routes come as K blocks of T
-tokens (every first choice, then every second choice), so each token's bag holds K routes; with expert
-choice a token's bag holds any number of routes, or none.
+scatter-add, and the combine's two gradients share one gather (benchmarks/moe_layer.py times the layer).
+Top-k routes come as K blocks of T tokens (every first choice, then every second choice), so each token's
+bag holds K routes; with expert choice a token's bag holds any number of routes, or none.
 """
 from __future__ import annotations
 
 import copy
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -146,47 +147,33 @@ class _Combine(torch.autograd.Function):
         return grad_y_ND, grad_weight_R, None
 
 
-class _AllToAll(torch.autograd.Function):
-    """Equal-split all-to-all along dim 0; its gradient is the same exchange in reverse."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        dist.all_to_all_single(out, x, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return _AllToAll.apply(grad, ctx.group), None
-
-
 class GroupedDispatcher:
+    """Dropless routes on one rank: (T, D) -> (R, D) sorted by expert -> (T, D)."""
+
     def __init__(self, routing: Routing, num_tokens: int):
-        self.routing = routing
         order_R = routing.order_R  # row n holds route order_R[n]
         slot_R = torch.empty_like(order_R)
         slot_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
         self.rows = RowMap(routing.token_R, slot_R, order_R.numel(), num_tokens, routing.routes_per_token,
                            dropping=False, padded=False)
+        self.rows_per_expert = routing.counts_E  # (E,) the length of each expert's segment
 
     def dispatch(self, x_TD: Tensor) -> Tensor:
         return _Dispatch.apply(x_TD, self.rows)  # (R, D), grouped by expert
 
-    def compute(self, experts, x_RD: Tensor) -> Tensor:
-        return experts.forward_grouped(x_RD, self.routing.counts_E)
-
-    def combine(self, y_RD: Tensor) -> Tensor:
-        return _Combine.apply(y_RD, self.routing.weight_R, self.rows)
+    def combine(self, y_RD: Tensor, weight_R: Tensor) -> Tensor:
+        return _Combine.apply(y_RD, weight_R, self.rows)
 
 
 class CapacityDispatcher:
-    def __init__(self, routing: Routing, num_experts: int, capacity: int, num_tokens: int,
-                 ep_group=None, ep_size: int = 1):
-        self.routing = routing
+    """Routes in C slots per expert: (T, D) -> (E, C, D), or (L, P*C, D) on each of P expert-parallel ranks
+    holding L experts each -> (T, D). `ep`: the model.parallel.ExpertParallelGroup when P > 1."""
+
+    rows_per_expert = None  # every expert has C rows
+
+    def __init__(self, routing: Routing, num_experts: int, capacity: int, num_tokens: int, ep=None):
         self.num_experts, self.capacity, self.num_tokens = num_experts, capacity, num_tokens
-        self.ep_group, self.ep_size = ep_group, ep_size
+        self.ep = ep if ep is not None and ep.size > 1 else None
         num_rows = num_experts * capacity
         slot_R = torch.where(routing.position_R < capacity, routing.expert_R * capacity + routing.position_R,
                              num_rows)
@@ -198,18 +185,16 @@ class CapacityDispatcher:
 
     def dispatch(self, x_TD: Tensor) -> Tensor:
         x_ECD = _Dispatch.apply(x_TD, self.rows).view(self.num_experts, self.capacity, -1)
-        if self.ep_size == 1:
+        if self.ep is None:
             return x_ECD
         # Rank p holds experts p*L .. p*L+L-1: send each rank its block, receive every rank's tokens for ours.
-        x_PLCD = _AllToAll.apply(x_ECD, self.ep_group).view(self.ep_size, -1, self.capacity, x_TD.shape[-1])
-        return x_PLCD.transpose(0, 1).reshape(x_PLCD.shape[1], -1, x_TD.shape[-1])  # (L, P*C, D)
+        d = x_TD.shape[-1]
+        x_PLCD = self.ep.all_to_all(x_ECD).view(self.ep.size, -1, self.capacity, d)
+        return x_PLCD.transpose(0, 1).reshape(x_PLCD.shape[1], -1, d)  # (L, P*C, D)
 
-    def compute(self, experts, x_ECD: Tensor) -> Tensor:
-        return experts(x_ECD)
-
-    def combine(self, y_ECD: Tensor) -> Tensor:
+    def combine(self, y_ECD: Tensor, weight_R: Tensor) -> Tensor:
         d = y_ECD.shape[-1]
-        if self.ep_size > 1:
-            y_PLCD = y_ECD.view(y_ECD.shape[0], self.ep_size, self.capacity, d).transpose(0, 1)
-            y_ECD = _AllToAll.apply(y_PLCD.reshape(self.num_experts, self.capacity, d), self.ep_group)
-        return _Combine.apply(y_ECD.reshape(-1, d), self.routing.weight_R, self.rows)
+        if self.ep is not None:
+            y_PLCD = y_ECD.view(y_ECD.shape[0], self.ep.size, self.capacity, d).transpose(0, 1)
+            y_ECD = self.ep.all_to_all(y_PLCD.reshape(self.num_experts, self.capacity, d))
+        return _Combine.apply(y_ECD.reshape(-1, d), weight_R, self.rows)

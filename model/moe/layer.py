@@ -10,7 +10,9 @@ expert. It keeps the attributes those paths read (`num_experts`, `num_local_expe
 replaces DeepSpeed's gate (which samples in eval mode) with our routers, and its per-expert module loop
 with stacked experts.
 
-Without torch.distributed (ep_size=1: tests, generation, export) nothing here touches a process group.
+The expert-parallel group comes in from outside, as a `model.parallel.ExpertParallelGroup` (DeepSpeed's
+engine hands its group to `_set_ep_group`; `model.parallel.set_expert_parallel_group` attaches any group):
+this layer calls its two collectives and never creates a group, reads a rank or imports torch.distributed.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
@@ -67,18 +68,24 @@ class MoECore(nn.Module):
         self.num_experts = num_experts
         self.ep_size = ep_size
         self.ep_rank = ep_rank
-        self.ep_group = None
+        self.ep = None  # model.parallel.ExpertParallelGroup, attached from outside when ep_size > 1
         self.eval_capacity_factor = eval_capacity_factor
         self.min_capacity = min_capacity
         self.experts_per_token = experts_per_token
 
+    def set_expert_parallel(self, ep) -> None:
+        """Attach the expert-parallel group (a model.parallel.ExpertParallelGroup) this layer's experts span."""
+        if (ep.size, ep.rank) != (self.ep_size, self.ep_rank):
+            raise ValueError(f"expert-parallel group: rank {ep.rank} of {ep.size}, but the experts were built for "
+                             f"rank {self.ep_rank} of ep_size={self.ep_size}; build the model with "
+                             f"GPTMoE(config, ep_rank={ep.rank}) and ep_size={ep.size}")
+        self.ep = ep
+
     def _set_ep_group(self, group) -> None:
-        """Called by DeepSpeed's `MoE.set_deepspeed_parallelism` (or `model.parallel.set_expert_parallel_group`)."""
-        actual = dist.get_rank(group=group)
-        if actual != self.ep_rank:
-            raise ValueError(f"expert-parallel rank: the group says {actual} but the experts were built for rank "
-                             f"{self.ep_rank}; build the model with GPTMoE(config, ep_rank={actual})")
-        self.ep_group = group
+        """DeepSpeed's hook: `MoE.set_deepspeed_parallelism` hands over the group it created."""
+        from ..parallel import ExpertParallelGroup  # model.parallel imports this module
+
+        self.set_expert_parallel(ExpertParallelGroup(group))
 
     def forward(self, x_TD: Tensor) -> tuple[Tensor, Routing, Tensor]:
         # 1. route: which experts see each token, and with what weight
@@ -86,10 +93,13 @@ class MoECore(nn.Module):
         counts_E, dispatcher = self._plan(routing, x_TD)
         # 2. dispatch: gather each expert's tokens (and exchange them between ranks when EP > 1)
         expert_in = dispatcher.dispatch(x_TD)
-        # 3. expert compute: all local experts in one batched or grouped GEMM per projection
-        expert_out = dispatcher.compute(self.experts, expert_in)
+        # 3. expert compute: all local experts in one batched (capacity) or grouped (dropless) GEMM per projection
+        if dispatcher.rows_per_expert is None:
+            expert_out = self.experts(expert_in)
+        else:
+            expert_out = self.experts.forward_grouped(expert_in, dispatcher.rows_per_expert)
         # 4. combine: bring results back and sum each token's routes, weighted by the router
-        y_TD = dispatcher.combine(expert_out)
+        y_TD = dispatcher.combine(expert_out, routing.weight_R)
         return y_TD, routing, counts_E
 
     def _plan(self, routing: Routing, x_TD: Tensor):
@@ -98,7 +108,7 @@ class MoECore(nn.Module):
         num_tokens = x_TD.shape[0]
         counts_E, capacity, calibration_E = routing.counts_E, routing.capacity, routing.calibration_E
         if self.ep_size > 1:
-            if self.ep_group is None:
+            if self.ep is None:
                 raise RuntimeError(f"ep_size={self.ep_size} needs the expert-parallel group: run under "
                                    "deepspeed.initialize, or call model.parallel.setup_expert_parallel first")
             counts_PE, calibration_E = self._exchange(counts_E, calibration_E)
@@ -116,8 +126,7 @@ class MoECore(nn.Module):
             return counts_E, GroupedDispatcher(routing, num_tokens)
         if capacity is None:
             capacity = max(int(counts_E.max()), 1)
-        return counts_E, CapacityDispatcher(routing, self.num_experts, capacity, num_tokens,
-                                            self.ep_group, self.ep_size)
+        return counts_E, CapacityDispatcher(routing, self.num_experts, capacity, num_tokens, self.ep)
 
     def _exchange(self, counts_E: Tensor, calibration_E: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """All ranks' expert counts (P, E), and the group's mean calibration sample, in one all-reduce."""
@@ -127,7 +136,7 @@ class MoECore(nn.Module):
         table[self.ep_rank, :e] = counts_E
         if calibration_E is not None:
             table[self.ep_rank, e:] = calibration_E
-        dist.all_reduce(table, group=self.ep_group)
+        self.ep.all_reduce_sum(table)
         mean_calibration = None if calibration_E is None else table[:, e:].mean(dim=0).to(calibration_E.dtype)
         return table[:, :e].round().long(), mean_calibration
 

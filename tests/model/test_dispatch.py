@@ -51,11 +51,10 @@ def _through(kind, routing):
     dispatcher, expert_N = _dispatcher(kind, routing)
 
     def run(x_TD, weight_R):
-        dispatcher.routing.weight_R = weight_R
         rows = dispatcher.dispatch(x_TD)
         shape = rows.shape
         y = torch.tanh(rows.reshape(-1, D) * SCALE_E[expert_N].unsqueeze(-1)).view(shape)
-        return dispatcher.combine(y)
+        return dispatcher.combine(y, weight_R)
     return run
 
 
@@ -101,13 +100,20 @@ def test_dispatch_alone_gradcheck_with_empty_rows(kind):
     assert torch.autograd.gradcheck(dispatcher.dispatch, (x,))
 
 
-def test_combine_sums_in_fp32_for_bf16_rows():
-    routing = _routing("top2")
-    dispatcher, _ = _dispatcher("top2", routing)
+def test_combine_sums_bf16_rows_in_fp32():
+    """bf16 expert outputs: each token's weighted routes are summed in fp32 and rounded to bf16 once, not
+    rounded after every product and sum; on random values the two differ, so this tells them apart."""
+    routing = _routing("dropless")  # top-2 in the grouped layout: every token sums two routes
+    dispatcher, _ = _dispatcher("dropless", routing)
     x = torch.randn(T, D).bfloat16().requires_grad_()
-    w = routing.weight_R.detach().requires_grad_()
-    dispatcher.routing.weight_R = w
-    out = dispatcher.combine(dispatcher.dispatch(x))
-    assert out.dtype == torch.bfloat16
-    out.float().sum().backward()
-    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    rows = dispatcher.dispatch(x)
+    y = torch.randn(rows.shape).bfloat16().requires_grad_()  # (R, D) expert outputs
+    w = torch.rand(rows.shape[0], requires_grad=True)  # fp32 router weights, one per route
+    out = dispatcher.combine(y, w)
+    terms_KTD = (w.detach().unsqueeze(-1) * y.detach()[dispatcher.rows.slot_R].float()).view(2, T, D)
+    in_fp32 = terms_KTD.sum(0).bfloat16()
+    in_bf16 = terms_KTD.bfloat16().sum(0)  # rounded per product, then per sum
+    assert not torch.equal(in_fp32, in_bf16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, in_fp32)
+    (out.float() * torch.randn(T, D)).sum().backward()
+    assert y.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32

@@ -76,7 +76,7 @@ def test_losses_and_stats():
     assert out.moe_stats == [] and float(out.aux_loss) == 0.0 and out.aux_loss.dim() == 0
 
 
-@pytest.mark.parametrize("router", [dict(router_type="top1"), dict(router_type="expert_choice"), dict(router_type="top2")])
+@pytest.mark.parametrize("router", [dict(router_type=kind) for kind in ("top1", "expert_choice", "top2")])
 def test_recompute_gives_the_same_gradients(router):
     # Dropout, router jitter and random token selection all draw random numbers: recompute must replay them.
     grads, thresholds = {}, {}

@@ -1,5 +1,8 @@
 """What DeepSpeed's engine relies on, checked in one process: expert marks, optimizer groups, the
 per-expert checkpoint layout, merging expert-parallel shards, and clear errors without a process group."""
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from deepspeed.moe.layer import MoE
@@ -56,6 +59,34 @@ def test_expert_parallel_without_a_group_fails_clearly():
     model = build(nano(ep_size=2), ep_rank=1)
     with pytest.raises(RuntimeError, match="ep_size=2 needs the expert-parallel group"):
         model(torch.randint(0, 97, (1, 8)))
+
+
+class _Group:
+    """Stands in for model.parallel.ExpertParallelGroup where only its size and rank matter."""
+
+    def __init__(self, size, rank):
+        self.size, self.rank = size, rank
+
+
+def test_a_group_of_another_rank_or_size_is_refused():
+    """The experts a model holds are fixed when it is built (ep_rank); a group that disagrees is an error, not
+    a silent mix-up of experts between ranks."""
+    layer = moe_layers(build(nano(ep_size=2), ep_rank=1))[0].deepspeed_moe
+    for size, rank in ((2, 0), (4, 1)):
+        with pytest.raises(ValueError, match=f"rank {rank} of {size}, but the experts were built for rank 1 of "
+                                             "ep_size=2"):
+            layer.set_expert_parallel(_Group(size, rank))
+    layer.set_expert_parallel(group := _Group(2, 1))
+    assert layer.ep is group
+
+
+def test_only_model_parallel_touches_torch_distributed():
+    """model/ is single-device code: process groups come in from model/parallel.py, nothing else in model/
+    imports torch.distributed, creates a group or reads a rank."""
+    root = Path(__file__).resolve().parents[2] / "model"
+    uses = re.compile(r"^\s*(import|from) torch\.distributed|\bdist\.\w+\(|get_rank\(|new_group\(", re.M)
+    users = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if uses.search(p.read_text()))
+    assert users == ["parallel.py"]
 
 
 def test_apply_sequence_parallel_wraps_every_attention_core_once():

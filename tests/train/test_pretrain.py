@@ -81,7 +81,8 @@ def test_checkpoint_loads_into_one_process_with_every_expert(reference_run, tiny
     assert tag.name == "iter_0000006" and model.config.ep_size == 1
     cfg = json.loads((run / "run_config.json").read_text())
     samples = 2 * cfg["micro_batch"] * 2  # eval_iters x micro batch x data-parallel ranks
-    _, valid, _ = build_gpt_datasets(tiny_corpus[0], cfg["split"], cfg["model"]["seq_len"], cfg["seed"], (48, samples, 0))
+    _, valid, _ = build_gpt_datasets(tiny_corpus[0], cfg["split"], cfg["model"]["seq_len"], cfg["seed"],
+                                     (48, samples, 0))
     tokens = torch.from_numpy(np.stack([valid[i] for i in range(samples)]))
     with torch.no_grad():
         loss = float(model(tokens[:, :-1], labels=tokens[:, 1:]).loss)
