@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from launcher.data.tokenizer import TOKENIZER_TYPES
 from launcher.errors import UsageError
 from launcher.files import write_json_atomic
 from launcher.finetune_config import (DERIVED_ALWAYS, DERIVED_UNLESS_GIVEN, FINETUNE_FIELDS, FINETUNE_RESOLVED,
@@ -28,7 +29,7 @@ from model.config import FIELDS as MODEL_FIELDS
 from model.config import SIZES, ConfigError, GPTMoEConfig, check_known_keys, upgrade_legacy_fields
 
 MODES = ("run", "dryrun")
-TOKENIZERS = ("jiebabpe", "gpt2bpe")
+TOKENIZERS = TOKENIZER_TYPES
 ZERO_ALIASES = {"none": 0, "0": 0, "z1": 1, "1": 1, "do": 1, "z2": 2, "2": 2}
 PRECISIONS = ("fp32", "bf16", "fp16")
 OFFLOADS = ("none", "cpu")

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from launcher.data.jieba_split import split_words
-from launcher.data.tokenizer import (EOD_TOKEN, META_FILE, TOKENIZER_FILE, TOKENIZER_TYPES, Tokenizer,
-                                     load_tokenizer, train_tokenizer)
+from launcher.data.tokenizer import (EOD_TOKEN, META_FILE, TOKENIZER_FILE, Tokenizer, load_tokenizer,
+                                     train_tokenizer)
 from launcher.errors import UsageError
 
 # Chinese (incl. rare extension-B ideographs), Latin, digits, punctuation, emoji, whitespace of all kinds.
@@ -19,10 +19,6 @@ _ALPHABET = st.one_of(
 )
 TEXTS = st.text(alphabet=_ALPHABET, max_size=80)
 _SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def test_types():
-    assert TOKENIZER_TYPES == ("jiebabpe", "gpt2bpe")
 
 
 @_SETTINGS

@@ -1,6 +1,7 @@
 """The positional launcher: every value of every argument in dryrun, and the bad-input table."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,9 @@ def test_tutorial_line_dryrun_through_the_bash_script(clean_env):
     assert "every 10,000 iterations" in out
     assert "total " in out and "active per token" in out
     assert "launch       " in out and "launcher.pretrain" in out
-    assert ("fits" in out) or ("DOES NOT FIT" in out)
+    memory = re.search(r"= ([\d.]+) GiB of ([\d.]+) GiB \(.*\): (fits|DOES NOT FIT)$", out, re.M)
+    assert memory, out
+    assert (memory[3] == "fits") == (float(memory[1]) <= float(memory[2])), memory[0]
     ds_files = list(clean_env.rglob("ds_config.json"))
     assert len(ds_files) == 1
     ds = json.loads(ds_files[0].read_text())

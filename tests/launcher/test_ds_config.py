@@ -12,8 +12,25 @@ from launcher.errors import UsageError
 TEMPLATES = sorted((Path(__file__).resolve().parents[2] / "ds_configs").glob("*.json"))
 
 
-def test_templates_exist():
-    assert len(TEMPLATES) >= 4
+# template -> the launch whose generated config it shows (GPU runs: overlap_comm and pinned memory on)
+TEMPLATE_RUNS = {
+    "zero0_fp32_cpu.json": ("dryrun 1 gpt2bpe nano 8 0 1 1 none none 100", {"PRECISION": "fp32"}, "cpu"),
+    "zero1_bf16.json": ("dryrun 8 gpt2bpe 1.3B 8 0 1 1 sel z1 100", {"PRECISION": "bf16"}, "cuda"),
+    "zero2_bf16_full_recompute.json": ("dryrun 8 gpt2bpe 1.3B 8 0 1 1 full z2 100", {"PRECISION": "bf16"}, "cuda"),
+    "zero2_offload_fp16.json": ("dryrun 8 gpt2bpe 1.3B 8 0 1 1 sel z2 100", {"PRECISION": "fp16", "OFFLOAD": "cpu"},
+                                "cuda"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATE_RUNS))
+def test_each_template_is_what_the_launcher_writes_for_its_run(name):
+    """The examples stay true to the launcher: same ZeRO, precision, offload and recompute sections."""
+    assert sorted(p.name for p in TEMPLATES) == sorted(TEMPLATE_RUNS), "a template without a run, or the reverse"
+    positional, env, device = TEMPLATE_RUNS[name]
+    generated = build_ds_config(build_run_config(positional.split() + ["--device", device], env))
+    template = json.loads((TEMPLATES[0].parent / name).read_text())
+    for section in ("zero_optimization", "bf16", "fp16", "activation_checkpointing"):
+        assert template.get(section) == generated.get(section), section
 
 
 @pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.name)

@@ -1,26 +1,32 @@
 """GPTMoEConfig: validation, sizes, persistence and analytic parameter counts."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-import torch
+from deepspeed.moe.utils import is_moe_param
 
 from model import SIZES, GPTMoEConfig
 from model.config import RouterKind
-from model.moe.layer import MoELayer, moe_layers
-from deepspeed.moe.utils import is_moe_param
+from model.moe.layer import moe_layers
 
 from .conftest import build, nano
 
 
-def test_size_table():
-    assert SIZES["0.125B"] == (12, 768, 12) and SIZES["13B"] == (40, 5120, 40)
-    assert SIZES["nano"] == (2, 64, 4) and SIZES["tiny"] == (4, 128, 4)
-    assert len(SIZES) == 10
-    for name in SIZES:
-        cfg = GPTMoEConfig.from_size(name, num_experts=8)
-        assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads) == SIZES[name]
-        assert cfg.ffn_hidden_size == 4 * cfg.hidden_size
+@pytest.mark.parametrize("name", [n for n in SIZES if n.endswith("B")])
+def test_public_sizes_have_the_parameters_their_names_say(name):
+    """A dense GPT of each public size (GPT-2's 50304-row padded vocabulary, 2048 positions) has the count its
+    name gives, within 2.5%: a wrong layer count, width or head count in the table would miss it."""
+    cfg = GPTMoEConfig.from_size(name, vocab_size=50257, seq_len=2048)
+    assert cfg.param_counts()["total"] == pytest.approx(float(name[:-1]) * 1e9, rel=0.025)
+    assert cfg.ffn_hidden_size == 4 * cfg.hidden_size
+
+
+def test_cpu_sizes_are_smaller_than_every_public_size():
+    counts = {name: GPTMoEConfig.from_size(name).param_counts()["total"] for name in SIZES}
+    assert counts["nano"] < counts["tiny"] < min(v for k, v in counts.items() if k.endswith("B"))
 
 
 def test_from_size_errors_list_what_is_allowed():
@@ -133,6 +139,14 @@ def test_model_package_never_imports_launcher():
         assert "import launcher" not in text and "from launcher" not in text, path
 
 
-def test_public_imports():
-    from model import GPTMoE, GPTMoEConfig, GPTMoEForCausalLM, GPTMoEHFConfig  # noqa: F401
-    assert issubclass(MoELayer, torch.nn.Module)
+def test_import_model_leaves_transformers_until_the_wrapper_is_asked_for():
+    """`import model` does not pay for transformers (model/__init__.py); asking for the wrapper imports it and
+    registers the gpt_moe type with the Auto classes. A fresh interpreter: this one imported transformers."""
+    code = ("import sys, model\n"
+            "assert 'transformers' not in sys.modules, 'import model imported transformers'\n"
+            "from model import GPTMoE, GPTMoEConfig, GPTMoEForCausalLM, GPTMoEHFConfig\n"
+            "from transformers import AutoConfig\n"
+            "assert type(AutoConfig.for_model('gpt_moe')) is GPTMoEHFConfig\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2], env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -164,6 +164,9 @@ def test_bf16_keeps_router_math_in_fp32():
     out = model(torch.randint(0, 97, (2, 8)), labels=torch.randint(0, 97, (2, 8)))
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.total_loss)
     out.total_loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all(), name
+    assert layer.deepspeed_moe.gate.wg.weight.grad.abs().sum() > 0  # the fp32 router math passes gradients back
 
 
 def test_same_seed_same_model_whatever_the_expert_parallel_rank_layout():
