@@ -9,6 +9,8 @@
 # a DeepSpeed hostfile (--hostfile PATH) and the overrides SEQ_LEN, DATA_PATH, OUTPUT_BASEPATH, TRAIN_TOKENS,
 # WARMUP_TOKENS, GLOBAL_BATCH_SIZE, EP_SIZE, PRECISION, LOAD, OFFLOAD are read by the Python launcher,
 # which owns parsing, validation and launching. `MODE=dryrun` prints what would run and starts nothing.
+# `--config FILE` reads settings from a YAML run file by flag name; positional arguments it holds may be left
+# off (`run --config RUN_DIR/run_config.yaml` repeats a run).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PYTHON="${PYTHON:-$([ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3)}"

@@ -1,6 +1,7 @@
 """Every model setting is a flag, and each one reaches the model: dryrun resolves it into run_config.json, and
 the model a training process builds from that file (as launcher.pretrain does) carries it."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -148,3 +149,19 @@ def test_bad_model_flags_are_one_line_in_the_launchers_words(out_dir, capsys, fl
     _, err = capsys.readouterr()
     assert err == f"error: {message}\n" or (err.startswith(f"error: {message}") and err.count("\n") == 1), err
     assert not list(out_dir.rglob("*.json"))
+
+
+def test_run_config_written_before_the_model_was_nested_reads(out_dir, tmp_path):
+    """run_config.json of earlier versions: flat, the model's settings beside the run's, the router a digit,
+    `moe_interval` for moe_layer_interval. It reads as the same run."""
+    cfg = build_run_config([*NANO[:5], "2", *NANO[6:], "--use-residual", "--moe-interval", "1"],
+                           {"OUTPUT_BASEPATH": str(out_dir)})
+    old = {k: v for k, v in cfg.to_dict().items() if k != "model"}
+    m = cfg.model
+    old.update(num_experts=m.num_experts, router_type=2, recompute=m.recompute, seq_len=m.seq_len,
+               ep_size=m.ep_size, vocab_size=m.vocab_size, moe_interval=1, capacity_factor=m.capacity_factor,
+               eval_capacity_factor=m.eval_capacity_factor, min_capacity=m.min_capacity, drop_tokens=m.drop_tokens,
+               aux_loss_coef=m.aux_loss_coef, z_loss_coef=m.z_loss_coef, use_residual=True, dropout=m.dropout)
+    path = tmp_path / "run_config.json"
+    path.write_text(json.dumps(old))
+    assert RunConfig.read(path) == cfg and cfg.model.router_type is RouterKind.TOP2
