@@ -24,6 +24,9 @@ setup(
         "numpy>=1.24,<3",
         "tqdm>=4.60,<5",
         "tensorboard>=2.14,<3",
+        # `python -m launcher.serve`: the HTTP service (ASGI app + server).
+        "fastapi>=0.110,<1",
+        "uvicorn>=0.29,<1",
     ],
     extras_require={
         "test": ["pytest>=7,<10", "pytest-xdist>=3,<4", "hypothesis>=6,<7"],

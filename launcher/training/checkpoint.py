@@ -576,3 +576,32 @@ def load_for_inference(path: str | Path, device: str = "cpu"):
         raise UsageError(f"{tag_dir / 'tokenizer'}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
             from None
     return model, tokenizer, tag_dir
+
+
+def write_inference_checkpoint(model, tokenizer, run_dir: str | Path, iteration: int = 0) -> Path:
+    """A model in memory (EP=1) as `run_dir/checkpoints/iter_NNNNNNN/` in the layout a training run writes:
+    dense weights in mp_rank_00_model_states.pt, one file per expert with global numbering (as DeepSpeed
+    writes at any expert-parallel size), the model config, the tokenizer and trainer_state.json; `latest`
+    moves last. Everything that loads checkpoints (generate, serve, evaluate) reads it. Returns run_dir."""
+    from model.checkpoint import MODEL_STATES
+    from model.moe.experts import split_stacked
+
+    folder = Path(run_dir) / "checkpoints"
+    tag = tag_for(iteration)
+    tag_dir = folder / tag
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    dense = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    prefixes = [k[:-len("fc1_weight")] for k in dense if k.endswith("deepspeed_moe.experts.fc1_weight")]
+    for layer, prefix in enumerate(prefixes):  # module order: DeepSpeed's MoE layer numbering
+        stacked = {name: dense.pop(prefix + name) for name in ("fc1_weight", "fc2_weight")}
+        experts = stacked["fc1_weight"].shape[0]
+        per_expert = split_stacked(stacked)  # deepspeed_experts.<e>.fc1.weight ...
+        for e in range(experts):
+            torch.save({prefix + k: v for k, v in per_expert.items() if k.split(".")[1] == str(e)},
+                       tag_dir / f"layer_{layer}_expert_{e}_{MODEL_STATES}")
+    torch.save({"module": dense}, tag_dir / MODEL_STATES)
+    write_json_atomic(model.config.to_dict(), tag_dir / MODEL_CONFIG)
+    tokenizer.save(tag_dir / "tokenizer")
+    write_json_atomic({"iteration": iteration}, tag_dir / TRAINER_STATE)
+    write_text_atomic(tag + "\n", folder / LATEST)
+    return Path(run_dir)

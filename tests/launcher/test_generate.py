@@ -13,37 +13,14 @@ import torch
 
 from launcher.data.tokenizer import train_tokenizer
 from launcher.generate import main
+from launcher.training.checkpoint import write_inference_checkpoint
 from model import GPTMoE, GPTMoEConfig
-from model.moe.experts import split_stacked
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "megatron" / "run_text_generation_gpt.sh"
 PROMPTS = ["def add(a, b):", "The quick brown", "x", "明月几时有？把酒问", "import os"]
 TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.", "明月几时有？把酒问青天。",
          "import os\nimport sys\nprint(os.getcwd())\n"] * 20
-
-
-def write_deepspeed_checkpoint(model: GPTMoE, tokenizer, run_dir: Path, tag: str = "iter_0000005") -> Path:
-    """The files a training run writes for one checkpoint: dense weights in mp_rank_00_model_states.pt, one file
-    per expert with global numbering (what DeepSpeed writes at any expert-parallel size), configs, tokenizer."""
-    folder = run_dir / "checkpoints"
-    tag_dir = folder / tag
-    tag_dir.mkdir(parents=True)
-    dense = model.state_dict()
-    prefixes = [k[:-len("fc1_weight")] for k in dense if k.endswith("deepspeed_moe.experts.fc1_weight")]
-    for layer, prefix in enumerate(prefixes):  # module order: DeepSpeed's MoE layer numbering
-        stacked = {name: dense.pop(prefix + name) for name in ("fc1_weight", "fc2_weight")}
-        experts = stacked["fc1_weight"].shape[0]
-        per_expert = split_stacked(stacked)  # deepspeed_experts.<e>.fc1.weight ...
-        for e in range(experts):
-            torch.save({prefix + k: v for k, v in per_expert.items() if k.split(".")[1] == str(e)},
-                       tag_dir / f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt")
-    torch.save({"module": dense}, tag_dir / "mp_rank_00_model_states.pt")
-    (tag_dir / "model_config.json").write_text(json.dumps(model.config.to_dict()))
-    tokenizer.save(tag_dir / "tokenizer")
-    (tag_dir / "trainer_state.json").write_text(json.dumps({"iteration": 5}))
-    (folder / "latest").write_text(tag + "\n")
-    return run_dir
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +31,7 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = GPTMoE(GPTMoEConfig.from_size("nano", vocab_size=tokenizer.vocab_size, seq_len=64, num_experts=4,
                                           router_type="top2", init_std=0.3)).eval()
-    return write_deepspeed_checkpoint(model, tokenizer, root / "run"), model, tokenizer
+    return write_inference_checkpoint(model, tokenizer, root / "run", iteration=5), model, tokenizer
 
 
 def greedy_alone(model, tokenizer, prompt: str, n: int) -> tuple[str, int, str]:
