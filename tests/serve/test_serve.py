@@ -51,7 +51,7 @@ def checkpoint(tmp_path_factory):
 class Running:
     """uvicorn serving create_app(service) in a thread on a free port of 127.0.0.1."""
 
-    def __init__(self, service: Service):
+    def __init__(self, service: Service, wait: bool = True):
         import uvicorn
 
         self.service = service
@@ -60,8 +60,9 @@ class Running:
         self.server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", access_log=False))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
-        assert service.loaded.wait(60) and service.state == "ready", service.error
-        wait_for(lambda: get(self.port, "/health")[0] == 200)
+        if wait:
+            assert service.loaded.wait(60) and service.state == "ready", service.error
+            wait_for(lambda: get(self.port, "/health")[0] == 200)
 
     def drain(self):
         """What SIGTERM does to the command line's server (see launcher.serve)."""
@@ -161,6 +162,29 @@ def greedy(port, prompt, n, path="/v1/completions"):
 
 
 # ------------------------------------------------------------------------------------------ endpoints
+def test_health_is_ready_only_once_the_model_has_loaded(checkpoint):
+    release = threading.Event()
+
+    def load():
+        release.wait(30)
+        model, tokenizer, _ = load_checkpoint(checkpoint)
+        return model, tokenizer
+
+    running = Running(Service(load, lambda mcfg: Limits(**LIMITS, seq_len=mcfg.seq_len), "nano-run"), wait=False)
+    port = running.port
+    try:
+        wait_for(lambda: get(port, "/health")[0] is not None)
+        assert get(port, "/health") == (503, {"status": "loading"})
+        status, body, headers = post(port, "/", {"text": "x"})
+        assert status == 503 and headers["retry-after"] == "5" and "loading" in body["error"]["message"]
+        release.set()
+        wait_for(lambda: get(port, "/health")[0] == 200)
+        assert post(port, "/", {"text": "x", "max_length": 2})[0] == 200
+    finally:
+        release.set()
+        running.close()
+
+
 def test_health_models_and_metrics(server):
     assert get(server.port, "/health") == (200, {"status": "ready", "model": "nano-run"})
     status, models = get(server.port, "/v1/models")
@@ -334,6 +358,14 @@ def test_full_queue_answers_503_and_a_gone_client_frees_its_row(checkpoint):
         wait_for(lambda: metric(port, "gptmoe_cancelled_prompts_total") == 1 and
                  metric(port, "gptmoe_running_rows") == 0)
         assert time.monotonic() - left < 30 * 0.03
+        # So is one that leaves while waiting for a whole answer.
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/", body=json.dumps({"text": "x", "max_length": 30}))
+        wait_for(lambda: metric(port, "gptmoe_running_rows") == 1)
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        wait_for(lambda: metric(port, "gptmoe_cancelled_prompts_total") == 2 and
+                 metric(port, "gptmoe_running_rows") == 0)
         assert post(port, "/", {"text": "y", "max_length": 3, "top_k": 1})[0] == 200
     finally:
         slow.close()
