@@ -255,6 +255,12 @@ def test_streaming_gives_the_same_text_piece_by_piece(server):
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
     assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == whole["finish_reason"]
     assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] <= 20
+    # Several prompts in one stream: each choice's pieces, by index, make its whole text.
+    wholes = greedy(server.port, PROMPTS[:3], 15)["choices"]
+    events = stream(server.port, {"prompt": PROMPTS[:3], "max_tokens": 15, "temperature": 0})
+    for whole in wholes:
+        mine = [e["choices"][0] for e in events[:-1] if e["choices"][0]["index"] == whole["index"]]
+        assert "".join(c["text"] for c in mine) == whole["text"] and mine[-1]["finish_reason"] == whole["finish_reason"]
 
 
 def test_stop_strings_cut_the_text_and_the_stream(server):
