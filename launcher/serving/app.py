@@ -68,7 +68,8 @@ class Service:
             engine = Engine(model, tokenizer, limits.max_batch_size, limits.max_queue, self.metrics)
             engine.start()
             self.tokenizer, self.limits, self.engine = tokenizer, limits, engine
-            self.state = "ready"
+            if self.state == "loading":  # not when SIGTERM came first: then it stays draining
+                self.state = "ready"
             log.info("ready: %s", self.model_name)
         except Exception as exc:  # noqa: BLE001 -- reported as one line; UsageError says what it checked
             self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
