@@ -170,23 +170,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    from launcher.inference import check_model_matches, load_checkpoint, resolve_device, set_threads
+    from launcher.inference import check_model_matches, load_checkpoint, resolve_device, resolve_dtype, set_threads
 
     device = resolve_device(args.device)
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before model/ imports DeepSpeed: spares its warning
     args.params = sampling_params(args)
-    import torch
-
     from launcher.data.prompts import completions_jsonl, read_prompts, write_completions
 
     texts = read_prompts(args.input) if args.input else None
     if args.output is not None and os.path.isdir(args.output):
         raise UsageError(f"--output: {args.output} is a folder; allowed: a file path")
     threads_line = set_threads(args.threads) if device.type == "cpu" else f"# device: {device}"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = resolve_dtype(args.dtype, device)
 
     def expect(mcfg):  # checked before any weight is read
         check_model_matches(mcfg, args.model_size, args.moe)

@@ -28,6 +28,16 @@ def resolve_device(text: str):
     return device
 
 
+def resolve_dtype(name: str, device):
+    """torch dtype for `--dtype` (auto | fp32 | bf16 | fp16): auto is bf16 on a GPU that supports it, else fp32."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return dtype
+
+
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 

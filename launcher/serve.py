@@ -84,7 +84,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def run(args) -> int:
-    from launcher.inference import load_checkpoint, resolve_device, set_threads
+    from launcher.inference import load_checkpoint, resolve_device, resolve_dtype, set_threads
     from launcher.training.checkpoint import find_checkpoint, read_model_config
 
     device = resolve_device(args.device)
@@ -99,15 +99,12 @@ def run(args) -> int:
     name = args.model_name or (folder.parent.name if folder.name == "checkpoints" else folder.name)
     sock = _listen(args.host, args.port)
 
-    import torch
     import uvicorn
 
     from launcher.serving.app import Service, create_app
 
     threads_line = set_threads(args.threads) if device.type == "cpu" else f"# device: {device}"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = resolve_dtype(args.dtype, device)
     server: uvicorn.Server | None = None
 
     def load():

@@ -353,18 +353,19 @@ def test_full_queue_answers_503_and_a_gone_client_frees_its_row(checkpoint):
             assert first.result()[0] == 200 and second.result()[0] == 200
         assert metric(port, 'gptmoe_requests_total{endpoint="/v1/completions",status="503"}') == 1
 
-        # A streaming client that leaves after its first token: its row is freed long before its 30 tokens.
+        # A streaming client that leaves after its first token: its row is freed before its 30 tokens are made.
+        generated = metric(port, "gptmoe_generated_tokens_total")
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "x", "max_tokens": 30, "stream": True}))
         resp = conn.getresponse()
         assert resp.readline().startswith(b"data: ")
-        left = time.monotonic()
         conn.sock.shutdown(socket.SHUT_RDWR)
         conn.close()
         wait_for(lambda: metric(port, "gptmoe_cancelled_prompts_total") == 1 and
                  metric(port, "gptmoe_running_rows") == 0)
-        assert time.monotonic() - left < 30 * 0.03
+        assert metric(port, "gptmoe_generated_tokens_total") - generated < 30
         # So is one that leaves while waiting for a whole answer.
+        generated = metric(port, "gptmoe_generated_tokens_total")
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("POST", "/", body=json.dumps({"text": "x", "max_length": 30}))
         wait_for(lambda: metric(port, "gptmoe_running_rows") == 1)
@@ -372,6 +373,7 @@ def test_full_queue_answers_503_and_a_gone_client_frees_its_row(checkpoint):
         conn.close()
         wait_for(lambda: metric(port, "gptmoe_cancelled_prompts_total") == 2 and
                  metric(port, "gptmoe_running_rows") == 0)
+        assert metric(port, "gptmoe_generated_tokens_total") - generated < 30
         assert post(port, "/", {"text": "y", "max_length": 3, "top_k": 1})[0] == 200
     finally:
         slow.close()
@@ -384,19 +386,19 @@ def test_drain_finishes_what_is_in_flight(checkpoint):
     try:
         with ThreadPoolExecutor(3) as pool:
             started = threading.Event()
-            streamed = pool.submit(stream, port, {"prompt": "x", "max_tokens": 25, "temperature": 0},
+            streamed = pool.submit(stream, port, {"prompt": "x", "max_tokens": 30, "temperature": 0},
                                    on_first=started.set)
-            whole = [pool.submit(greedy, port, p, 20) for p in PROMPTS[:2]]
+            whole = [pool.submit(greedy, port, p, 30) for p in PROMPTS[:2]]
             started.wait(30)
-            wait_for(lambda: metric(port, "gptmoe_queue_depth") + metric(port, "gptmoe_running_rows") == 3)
+            wait_for(lambda: metric(port, "gptmoe_queue_depth") + metric(port, "gptmoe_running_rows") >= 2)
             slow.drain()
             try:  # while the listener is still open, a new request is refused politely
                 assert post(port, "/", {"text": "y"})[0] == 503
             except ConnectionError:  # or the listener has closed already
                 pass
             events = streamed.result()
-            assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
-            assert all(len(w.result()["choices"]) == 1 for w in whole)
+            assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+            assert all(w.result()["choices"][0]["finish_reason"] in ("stop", "length") for w in whole)
         slow.thread.join(30)
         assert not slow.thread.is_alive()
         with pytest.raises(OSError):
