@@ -33,6 +33,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PYTHON="${PYTHON:-$([ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3)}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export OUTPUT_BASEPATH="${OUTPUT_BASEPATH:-runs/poetry}"
+# DeepSpeed's compiled CPU ops live with the venv, as `make` keeps them: the default ~/.cache/torch_extensions
+# is shared by every checkout, and a build killed there leaves a lock that stalls every later run.
+if [ -z "${TORCH_EXTENSIONS_DIR:-}" ] && [ -d "$ROOT/.venv" ]; then export TORCH_EXTENSIONS_DIR="$ROOT/.venv/torch_extensions"; fi
 OUT=$OUTPUT_BASEPATH
 VOCAB=${POETRY_VOCAB:-8000}
 SEQ=256
@@ -40,6 +43,9 @@ EPOCHS=${POETRY_EPOCHS:-2}
 SAMPLES=${POETRY_SAMPLES:-8}
 START=$(date +%s)
 stage() { echo; echo "=== $1 ($(( $(date +%s) - START )) s) ==="; }
+# One machine: each launch takes a port nobody listens on (the default 29500 may be another job's), unless
+# MASTER_PORT is given.
+port() { [ -n "${MASTER_PORT:-}" ] && echo "$MASTER_PORT" || "$PYTHON" -c 'from launcher.cluster import free_port; print(free_port())'; }
 
 stage "1. pretraining text"
 mkdir -p "$OUT/data"
@@ -72,13 +78,13 @@ fi
 stage "3. pretraining"
 #   MODE GPUS_PER_NODE TOKENIZER MODEL_SIZE MOE RT BATCH_SIZE SP AC ZERO SAVE_INTERVAL
 DATA_PATH="$OUT/data/poetry" SEQ_LEN=$SEQ GLOBAL_BATCH_SIZE=16 TRAIN_TOKENS=${POETRY_PRETRAIN_TOKENS:-2400000} \
-WARMUP_TOKENS=80000 bash "$ROOT/examples/megatron/dlc_run_pretrain_megatron_gpt.sh" \
+WARMUP_TOKENS=80000 MASTER_PORT=$(port) bash "$ROOT/examples/megatron/dlc_run_pretrain_megatron_gpt.sh" \
     run 2 jiebabpe tiny 8 0 8 1 none none 250 \
     --run-name pretrain --split 99,1,0 --log-interval 50 --eval-interval 250 --eval-iters 4
 
 stage "4. fine-tuning"
 #   TASK_NAME TRAIN VALID PRETRAIN_CHECKPOINT_PATH MODEL_SIZE MOE RT BATCH_SIZE EPOCH SP AC ZERO SEQ_LEN
-GPUS_PER_NODE=2 bash "$ROOT/examples/megatron/run_finetune_text_generation_gpt.sh" \
+GPUS_PER_NODE=2 MASTER_PORT=$(port) bash "$ROOT/examples/megatron/run_finetune_text_generation_gpt.sh" \
     poetry "$DATA_DIR/poetry_train.tsv" "$DATA_DIR/poetry_dev.tsv" "$OUT/pretrain" tiny 8 0 8 "$EPOCHS" 1 none none $SEQ \
     --run-name finetune --pack --lr 1e-3 --min-lr 1e-4 --log-interval 50 --samples 4 --sample-tokens 100
 
