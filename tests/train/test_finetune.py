@@ -8,6 +8,7 @@ exactly. The rest (dryrun, bad input, the data order) runs in this process.
 from __future__ import annotations
 
 import json
+import os
 import math
 import random
 
@@ -216,3 +217,22 @@ def test_each_epoch_visits_every_example_once_in_its_own_order(reference_run, pa
         assert len(seen) == 12 and sorted(set(seen)) == list(range(10)) and seen[10:] == seen[:2]
     assert epochs[0] != epochs[1]
     assert batch_examples(4, 1) == batch_examples(4, 1)
+
+
+@pytest.mark.parametrize("missing", [None, "poetry_dev.tsv"])
+def test_poetry_example_refuses_a_data_dir_without_its_files_in_one_line(tmp_path, missing):
+    import subprocess
+
+    from train_helpers import ROOT
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in {"songci.jsonl", "yuanqu.jsonl", "poetry_train.tsv", "poetry_dev.tsv"} - {missing}:
+        (data / name).write_text("")
+    argv = [str(data)] if missing else []
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "megatron" / "poetry.sh"), *argv], cwd=tmp_path,
+                          env={**os.environ, "OUTPUT_BASEPATH": str(tmp_path / "out")}, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and (missing or "usage") in err[0], err
+    assert not (tmp_path / "out").exists()
