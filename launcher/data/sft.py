@@ -92,10 +92,11 @@ class SFTDataset:
             raise UsageError(f"seq_len must be at least 2 for fine-tuning, got {seq_len}")
         self.seq_len, self.pack, self.pad_id = seq_len, pack, tokenizer.pad_id
         pairs = read_pairs(path, prompt_key, target_key)
-        # One at a time, not encode_batch: Rust threads started here would make the tokenizers library
-        # warn in (and disable parallelism for) every DataLoader worker forked later.
-        prompts = [tokenizer.encode(p) for p, _ in pairs]
-        targets = [tokenizer.encode(t) for _, t in pairs]
+        # encode_texts, not encode_batch: Rust threads started here would make the tokenizers library warn in
+        # (and disable parallelism for) every DataLoader worker forked later. For jiebabpe it segments and
+        # looks up the whole list at once, many times faster than one encode() per text.
+        prompts = tokenizer.encode_texts([p for p, _ in pairs])
+        targets = tokenizer.encode_texts([t for _, t in pairs])
         budget = seq_len
         self.examples: list[tuple[np.ndarray, int]] = []  # (ids, number of prompt tokens)
         self.num_truncated = 0
