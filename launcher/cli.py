@@ -282,7 +282,8 @@ def resolve_settings(argv: Sequence[str], env: Mapping[str, str], positional: Ma
     see parse_positional)."""
     given, flag_args, run_file = _split_line(argv, len(positional))
     if len(given) < len(positional) and run_file is None:
-        raise UsageError(f"expected {len(positional)} positional arguments, got {len(given)}\n{usage}")
+        raise UsageError(f"expected {len(positional)} positional arguments, got {len(given)}\n"
+                         f"{usage.splitlines()[0]}  (--help: every value)")
     layers = [(run_file, read_run_file(run_file) if run_file else {}), ("environment", parse_env(env)),
               ("line", parse_positional(given, positional, parsers)), ("line", parse_flags(flag_args))]
     settings: dict = {}

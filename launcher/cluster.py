@@ -9,9 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -122,7 +120,8 @@ def launch_command(cfg: RunConfig, entry_args: list[str], module: str = "launche
         # On SIGTERM torchrun gives its workers this long to exit before killing them: long enough for the
         # checkpoint they save on the way out (its default, 30 s, is not for a large model).
         env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
-        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.gpus_per_node),
+        # launcher.job runs torch.distributed.run (torchrun) as a process that dies with the launcher.
+        argv = [sys.executable, "-m", "launcher.job", "--nproc_per_node", str(cfg.gpus_per_node),
                 "--nnodes", str(cfg.num_nodes), "--node_rank", str(cfg.node_rank),
                 "--master_addr", cfg.master_addr, "--master_port", str(cfg.master_port), "-m", module]
     return argv + list(entry_args), env
@@ -132,34 +131,61 @@ def format_command(argv: list[str], env: dict[str, str]) -> str:
     return " ".join([f"{k}={shlex.quote(v)}" for k, v in env.items()] + [shlex.quote(a) for a in argv])
 
 
-def _children(pid: int) -> list[int]:
-    """Direct child processes of `pid` (Linux /proc; empty elsewhere)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except (OSError, ValueError):
-            pass
-    return found
+def rendezvous(cfg, timeout_s: float, say=print) -> None:
+    """Roll call of the nodes (WORLD_SIZE > 1) before torchrun starts, on MASTER_ADDR:MASTER_PORT.
 
-
-def run_torchrun(argv: list[str], env: dict[str, str]) -> int:
-    """Run torchrun as a child and hand a SIGTERM to its workers rather than to torchrun.
-
-    Preempted, the workers save a checkpoint and exit 0, so torchrun, and the job, exit 0; torchrun
-    signalled itself would stop them the same way but then report the job as failed (exit 1). Ctrl-C
-    (SIGINT) goes to torchrun and its workers as it would from a terminal.
+    Says whom it waits for, and gives up after `timeout_s` with UsageError naming the missing nodes (torchrun's
+    own rendezvous waits silently). Node 0 serves a TCPStore on the port and closes it once every node has
+    answered, so torchrun can bind it next.
     """
-    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    import time
+    from datetime import timedelta
 
-    def forward(signum, _frame):
-        targets = (_children(proc.pid) or [proc.pid]) if signum == signal.SIGTERM else [proc.pid]
-        for pid in targets:
+    from torch.distributed import TCPStore
+
+    n, rank, where = cfg.num_nodes, cfg.node_rank, f"{cfg.master_addr}:{cfg.master_port}"
+    deadline = time.monotonic() + timeout_s
+    give_up = f"gives up after {timeout_s:g} s: --rendezvous-timeout"
+
+    def missing_line(missing: list[int]) -> str:
+        return (f"rendezvous: nodes {', '.join(map(str, missing))} of {n} did not join {where} within "
+                f"{timeout_s:g} s (--rendezvous-timeout); allowed: start the script on every node with WORLD_SIZE={n}, "
+                f"RANK=0..{n - 1} and the same MASTER_ADDR/MASTER_PORT, or a longer --rendezvous-timeout")
+
+    if rank == 0:
+        store = TCPStore(cfg.master_addr, cfg.master_port, is_master=True, wait_for_workers=False,
+                         timeout=timedelta(seconds=max(timeout_s, 1)))
+    else:
+        say(f"rendezvous: node {rank} of {n} ({socket.gethostname()}) waiting for node 0 at {where} ({give_up})",
+            flush=True)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise UsageError(missing_line([0]))
             try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
-    return proc.wait()
+                store = TCPStore(cfg.master_addr, cfg.master_port, is_master=False,
+                                 timeout=timedelta(seconds=min(5.0, max(left, 0.5))))
+                break
+            except RuntimeError:  # not up yet (DistNetworkError, DistStoreError)
+                time.sleep(0.5)
+    store.set(f"node/{rank}", socket.gethostname())
+    keys = [f"node/{r}" for r in range(n)]
+    told = 0.0
+    while True:
+        missing = [r for r, key in enumerate(keys) if not store.check([key])]
+        if not missing:
+            break
+        now = time.monotonic()
+        if now >= deadline:
+            raise UsageError(missing_line(missing))
+        if rank == 0 and now - told >= 30:
+            say(f"rendezvous: node 0 of {n} ({socket.gethostname()}) at {where} waiting for node(s) "
+                f"{', '.join(map(str, missing))} ({give_up}; {deadline - now:.0f} s left)", flush=True)
+            told = now
+        time.sleep(0.2)
+    store.set(f"ready/{rank}", "1")
+    if rank == 0:  # every node has read the roll before the store (and the port) goes away
+        end = time.monotonic() + 30
+        while time.monotonic() < end and not store.check([f"ready/{r}" for r in range(n)]):
+            time.sleep(0.1)
+    del store

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from launcher.data.tokenizer import TOKENIZER_TYPES
+from launcher.data.tokenizer import MAX_VOCAB_SIZE, TOKENIZER_TYPES
 from launcher.errors import UsageError
 from launcher.files import write_json_atomic
 from launcher.finetune_config import (DERIVED_ALWAYS, DERIVED_UNLESS_GIVEN, FINETUNE_FIELDS, FINETUNE_RESOLVED,
@@ -124,6 +124,8 @@ class RunConfig:
     run_name: str | None = None
     device: str | None = None  # cuda | cpu; None = cuda when available
     device_memory_gib: float | None = None  # for dryrun's fit check; None = read from the device
+    ignore_memory_check: bool = False  # run even where the memory estimate says it does not fit
+    rendezvous_timeout: float = 600.0  # seconds the nodes of a multi-node run wait for each other
 
     # --- the model: GPTMoEConfig fields set for this run (a dict) over the MODEL_SIZE preset; the resolved
     # GPTMoEConfig after __post_init__. Defaults from the run: seq_len and vocab_size from the size table,
@@ -237,6 +239,10 @@ class RunConfig:
                 f"-seq{m.seq_len}-sp{self.sp_size}-ep{m.ep_size}-ac{m.recompute}-z{self.zero_stage}-{self.precision}")
 
     def _check_counts(self) -> None:
+        for f in fields(self):  # inf passes every range check below; nan fails them with a confusing message
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                _fail("--" + f.name.replace("_", "-"), value, "a finite number")
         positive = {"GPUS_PER_NODE": self.gpus_per_node, "BATCH_SIZE": self.micro_batch, "SP": self.sp_size,
                     "SAVE_INTERVAL": self.save_interval, "GLOBAL_BATCH_SIZE": self.global_batch,
                     "TRAIN_TOKENS": self.train_tokens, "WORLD_SIZE (nodes)": self.num_nodes,
@@ -266,6 +272,12 @@ class RunConfig:
             _fail("--device-memory-gib", self.device_memory_gib, "a number > 0")
         if self.model.vocab_size < MIN_VOCAB:
             _fail("--vocab-size", self.model.vocab_size, f"at least {MIN_VOCAB} (256 bytes + end of document)")
+        if self.model.vocab_size > MAX_VOCAB_SIZE:
+            _fail("--vocab-size", self.model.vocab_size, f"at most {MAX_VOCAB_SIZE:,}")
+        if self.seed < 0:
+            _fail("--seed", self.seed, "an integer >= 0")
+        if not self.rendezvous_timeout > 0:
+            _fail("--rendezvous-timeout", self.rendezvous_timeout, "seconds > 0")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", self.run_name):
             _fail("--run-name", self.run_name, "letters, digits and . _ + - (a folder name under OUTPUT_BASEPATH)")
 

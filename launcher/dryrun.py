@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from launcher.config import POSITIONAL, RunConfig, flag_name, label
-from launcher.memory import GIB, estimate_memory
+from launcher.memory import GIB, estimate_memory, planning_note
 from model.config import GPTMoEConfig
 
 
@@ -87,12 +87,18 @@ def summary(cfg: RunConfig, mcfg: GPTMoEConfig, ds_path: str, command: str,
         f"paths        {_data(cfg)}; tokenizer {cfg.resolved_tokenizer_path}",
         f"             run dir {cfg.run_dir}; deepspeed config {ds_path}",
     ]
+    if not cfg.data_path and not cfg.finetune:
+        lines.append(f"  data       {embedded_corpus_note(cfg)}")
     mem = estimate_memory(cfg, mcfg)
+    verdict = "fits" if mem.fits else "DOES NOT FIT" + (
+        " (launching anyway: --ignore-memory-check)" if cfg.ignore_memory_check and cfg.mode == "run" else
+        (" (`run` refuses it; --ignore-memory-check overrides)" if cfg.mode == "dryrun" else ""))
     lines.append(
         f"memory       per process: weights {_gib(mem.weights)} + gradients {_gib(mem.gradients)} + optimizer "
-        f"{_gib(mem.optimizer)} + activations {_gib(mem.activations)} + overhead {_gib(mem.overhead)} "
-        f"= {_gib(mem.total)} of {_gib(mem.device_total)} ({mem.device_name}): "
-        + ("fits" if mem.fits else "DOES NOT FIT"))
+        f"{_gib(mem.optimizer)} + max(activations {_gib(mem.activations)}, optimizer-step buffers "
+        f"{_gib(mem.step_buffers)}) + overhead {_gib(mem.overhead)} = {_gib(mem.total)} of "
+        f"{_gib(mem.device_total)}: {verdict}")
+    lines.append(f"             {planning_note(cfg)}")
     if mem.host_offload:
         lines.append(f"             host memory for ZeRO-Offload: {_gib(mem.host_offload)} per process")
     if origins is not None:
@@ -116,3 +122,14 @@ def _finetune(cfg: RunConfig) -> str:
             f"{ft.warmup_fraction:g} of them; after each epoch: validation ({cfg.eval_iters} steps), checkpoint "
             f"(the last and the best are kept), {samples}\n"
             f"             weights from {ft.pretrained} (optimizer and schedule start afresh)")
+
+
+def embedded_corpus_note(cfg: RunConfig) -> str:
+    """What a run without DATA_PATH trains on, and how to give it real data."""
+    note = (f"no DATA_PATH: the embedded corpus, the Python standard library's own sources (~12 MB of code and "
+            f"English), tokenized with {cfg.tokenizer} into {cfg.default_data_dir} on first use: a demo, not "
+            "pretraining data. Train on yours: python -m launcher.preprocess --input FILES --output-prefix "
+            "data/mine --tokenizer-type " + cfg.tokenizer + " --vocab-size N, then DATA_PATH=data/mine")
+    if cfg.tokenizer == "jiebabpe":
+        note += " (jiebabpe segments Chinese words; on this code corpus it is plain byte-level BPE)"
+    return note

@@ -86,14 +86,18 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    try:
-        run(build_parser().parse_args(argv))
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    from launcher.training.signals import StartupStopped, StopRequest
+
+    # Ctrl-C and SIGTERM alike: stop, remove what was half written (temporaries), say so in one line.
+    with StopRequest(startup=True):
+        try:
+            run(build_parser().parse_args(argv))
+        except UsageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except StartupStopped as stop:
+            print(f"error: {stop}: stopped; nothing was written", file=sys.stderr)
+            return 128 + stop.signum
     return 0
 
 

@@ -5,15 +5,38 @@ then starts this on every process with the distributed variables set.
 """
 from __future__ import annotations
 
-import argparse
+import os
 import sys
-from pathlib import Path
 
-from launcher.config import RunConfig
-from launcher.errors import UsageError
+# Only what the first lines of main() need: the stop handler goes in before torch is imported.
+from launcher.job import LEADER_ENV, join_job
+from launcher.training.signals import StartupStopped, StopRequest
 
 
 def main(argv: list[str] | None = None) -> int:
+    join_job()  # die with the launcher's job, whatever kills it
+    alone = os.environ.get(LEADER_ENV) == str(os.getpid())  # the launcher exec'd this one process
+    stop = StopRequest(startup=True, hint=alone)
+    try:
+        stop.install()  # a stop already pending (signals were blocked until now) is raised right here
+        return _pretrain(argv, stop)
+    except StartupStopped as exc:
+        # Nothing to save yet. One line per node; os._exit: a half-built process group must not be waited on.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"{exc}: stopped during start-up, before the first iteration; nothing was saved",
+                  file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Under torchrun the launcher reports the signal in its exit code; torchrun must not call it a failure.
+        os._exit(128 + exc.signum if alone else 0)
+
+
+def _pretrain(argv, stop) -> int:
+    import argparse
+    from pathlib import Path
+
+    from launcher.config import RunConfig
+    from launcher.errors import UsageError
+
     parser = argparse.ArgumentParser(prog="python -m launcher.pretrain", description=__doc__.splitlines()[0])
     parser.add_argument("--run-config", required=True, type=Path, help="run_config.json written by the launcher")
     args = parser.parse_args(argv)
@@ -24,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from launcher.training.trainer import pretrain
 
-    return pretrain(cfg, args.run_config.with_name("ds_config.json"))
+    return pretrain(cfg, args.run_config.with_name("ds_config.json"), stop)
 
 
 if __name__ == "__main__":

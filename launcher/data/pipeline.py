@@ -12,6 +12,8 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
+import socket
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -23,8 +25,11 @@ import numpy as np
 
 from launcher.data.indexed import IndexedDatasetWriter, best_dtype, paths
 from launcher.data.sources import expand_inputs, input_kind, iter_documents
-from launcher.data.tokenizer import TOKENIZER_FILE, Tokenizer, check_kind, load_tokenizer, train_from_words
+from launcher.data.tokenizer import (TOKENIZER_FILE, Tokenizer, check_kind, check_vocab_size, load_tokenizer,
+                                     train_from_words)
 from launcher.errors import UsageError
+from launcher.job import alive
+from launcher.preflight import check_writable
 
 CHUNK_CHARS = 256 * 1024
 
@@ -58,6 +63,11 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def max_workers() -> int:
+    """More processes than this only cost memory: tokenizing is CPU bound."""
+    return max(64, 4 * default_workers())
+
+
 # --- running a function over chunks of documents, in order, on a process pool ---
 
 _worker_fn: Callable | None = None  # set in each worker process by its initializer
@@ -66,6 +76,10 @@ _worker_fn: Callable | None = None  # set in each worker process by its initiali
 def _set_worker_fn(fn: Callable) -> None:
     global _worker_fn
     _worker_fn = fn
+    # The parent decides what a Ctrl-C means (and terminates the pool with SIGTERM): workers keep out of it,
+    # rather than each printing a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _call_worker_fn(item):
@@ -214,6 +228,24 @@ def reusable_tokenizer(directory: Path, kind: str, vocab_size: int, fingerprint:
     return None
 
 
+STAGING = ".tmp-"  # a tokenizer being saved: <folder>.tmp-<host>-<pid>, renamed into place when complete
+
+
+def remove_stale_staging(final_dir: Path) -> list[Path]:
+    """Remove staging folders of `final_dir` left by preprocess runs that were killed (their process is gone)
+    on this host; returns what was removed. Folders of another host's run are left alone: it may be alive."""
+    removed = []
+    host = socket.gethostname()
+    for path in final_dir.parent.glob(f"{final_dir.name}{STAGING}*"):
+        tag = path.name[len(final_dir.name) + len(STAGING):]
+        owner, _, pid = tag.rpartition("-")
+        if not pid.isdigit() or owner not in (host, "") or alive(int(pid)) and int(pid) != os.getpid():
+            continue  # not ours to judge, or a live run's
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 def _make_dirs(directory: Path) -> list[Path]:
     """mkdir -p, returning the folders it created (deepest last), so a failed run can remove them."""
     missing = []
@@ -231,16 +263,23 @@ def preprocess(inputs: Sequence, output_prefix, tokenizer_kind: str | None = Non
     """Tokenize `inputs` into OUTPUT_PREFIX.bin/.idx with the tokenizer at `tokenizer_path`, or one
     trained with `vocab_size` into `tokenizer_dir` (default: OUTPUT_PREFIX's folder/tokenizer)."""
     workers = default_workers() if workers is None else workers
-    if workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {workers}")
+    if not 1 <= workers <= max_workers():
+        raise UsageError(f"--workers: got {workers}; allowed: 1 to {max_workers()} (this machine has "
+                         f"{default_workers()} core(s))")
     if tokenizer_kind is not None:
         check_kind(tokenizer_kind)
     if (tokenizer_path is None) == (vocab_size is None):
         raise UsageError("give either --tokenizer (an existing tokenizer) or --vocab-size (to train one), not "
                          + ("both" if tokenizer_path is not None else "neither"))
+    if vocab_size is not None:
+        check_vocab_size(vocab_size)
     prefix = Path(output_prefix)
     if not str(output_prefix) or str(output_prefix).endswith(os.sep) or prefix.is_dir():
         raise UsageError(f"--output-prefix {str(output_prefix)!r} must name files (PREFIX.bin/.idx), not a folder")
+    # Before the inputs are read or a tokenizer trained (minutes): where the results go must take them.
+    check_writable(prefix.parent, "--output-prefix", given=output_prefix)
+    if tokenizer_path is None and tokenizer_dir is not None:  # a new tokenizer is staged beside its folder
+        check_writable(Path(tokenizer_dir).parent, "tokenizer folder")
     files = expand_inputs(inputs)
     # File sizes are the bar's total only where documents are whole files: jsonl and tsv lose bytes to syntax.
     total = sum(f.stat().st_size for f in files) if all(input_kind(f) == "text" for f in files) else None
@@ -255,6 +294,7 @@ def preprocess(inputs: Sequence, output_prefix, tokenizer_kind: str | None = Non
         final_dir = Path(tokenizer_dir) if tokenizer_dir is not None else prefix.parent / "tokenizer"
         fingerprint = input_fingerprint(files, json_key)
         tokenizer = reusable_tokenizer(final_dir, kind, vocab_size, fingerprint)
+        remove_stale_staging(final_dir)
         if tokenizer is None:
             if final_dir.exists():
                 raise UsageError(f"{final_dir} already holds a tokenizer trained on other input or settings: "
@@ -263,7 +303,7 @@ def preprocess(inputs: Sequence, output_prefix, tokenizer_kind: str | None = Non
             tokenizer = train_on_documents(kind, iter_documents(files, json_key), vocab_size, workers,
                                            {"trained_on": fingerprint})
             train_seconds = time.perf_counter() - start
-            staged = final_dir.with_name(f"{final_dir.name}.tmp-{os.getpid()}")
+            staged = final_dir.with_name(f"{final_dir.name}{STAGING}{socket.gethostname()}-{os.getpid()}")
 
     if tokenizer.kind == "jiebabpe":
         from launcher.data import jieba_split

@@ -21,6 +21,7 @@ from launcher.data.pipeline import input_fingerprint, preprocess, reusable_token
 from launcher.data.tokenizer import check_kind, check_vocab_size, load_tokenizer
 from launcher.errors import UsageError
 from launcher.files import write_text_atomic
+from launcher.preflight import check_writable
 
 SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 DEFAULT_VOCAB_SIZE = 4096
@@ -85,6 +86,7 @@ def build_stdlib_corpus(out_dir, tokenizer_kind: str = "gpt2bpe", vocab_size: in
                 "fingerprint": fingerprint, "tokenizer_kind": tokenizer_kind, "vocab_size": vocab_size}
     home = Path(out_dir) / f"stdlib-{tokenizer_kind}-{vocab_size}"
     prefix, tokenizer_dir = home / PREFIX_NAME, home / "tokenizer"
+    check_writable(home, "--output-dir")
     home.mkdir(parents=True, exist_ok=True)
     with _exclusive(home / ".lock"):
         if not _is_complete(home, expected):

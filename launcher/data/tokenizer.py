@@ -28,6 +28,9 @@ EOD_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "tokenizer_meta.json"
 MIN_VOCAB_SIZE = 257  # 256 bytes + the end-of-document token
+# Far above any real vocabulary (the largest are ~256K); the BPE trainer sizes its tables by the request, so an
+# absurd one exhausts memory or aborts inside `tokenizers`.
+MAX_VOCAB_SIZE = 1 << 22
 
 
 def check_kind(kind: str) -> str:
@@ -281,6 +284,9 @@ def check_vocab_size(vocab_size: int) -> int:
             f"vocab size {vocab_size} is too small: byte-level BPE needs at least {MIN_VOCAB_SIZE} "
             "(256 bytes + end-of-document)"
         )
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise UsageError(f"--vocab-size: got {vocab_size:,}; allowed: {MIN_VOCAB_SIZE} to {MAX_VOCAB_SIZE:,} (the "
+                         "largest tokenizers in use have about 256K)")
     return vocab_size
 
 

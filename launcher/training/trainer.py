@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from launcher.errors import UsageError
+from launcher.job import tell_launcher_training_began
 from launcher.training.checkpoint import Checkpointer
 from launcher.training.data import PretrainData
 from launcher.training.distributed import Placement, all_reduce_sum, barrier, init_distributed, shutdown_distributed
@@ -178,6 +179,9 @@ class Trainer:
         cfg, p = self.cfg, self.placement
         start = self.checkpointer.resume()
         writer = MetricsWriter(cfg, p.is_main, start)
+        # The resume's collectives are behind every rank: from here a signal means "save, then stop".
+        stop.training_begins()
+        tell_launcher_training_began()
         if start >= cfg.train_iters:
             writer.message(f"already trained: {start} of {cfg.train_iters} iterations are in the checkpoint")
         elif start:
@@ -268,9 +272,15 @@ def _as_tensor(value, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(value, dtype=like.dtype, device=like.device)
 
 
-def pretrain(cfg: RunConfig, ds_config_path: Path | None = None) -> int:
-    """Run (or resume) the training `cfg` describes on this process; returns the exit code."""
+def pretrain(cfg: RunConfig, ds_config_path: Path | None = None, stop: StopRequest | None = None) -> int:
+    """Run (or resume) the training `cfg` describes on this process; returns the exit code.
+
+    `stop`: the worker's StopRequest, installed before anything else (launcher.pretrain); kept until the very
+    end: a second SIGTERM (a cluster signals every process) must not kill a rank while it saves or leaves the
+    process group. Until the first iteration a signal raises StartupStopped, which the caller handles."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury the progress
+    if stop is None:
+        stop = StopRequest(startup=True).install()
     if cfg.finetune:
         from launcher.training.finetune import FinetuneTrainer as trainer_class
     else:
@@ -280,15 +290,12 @@ def pretrain(cfg: RunConfig, ds_config_path: Path | None = None) -> int:
     except UsageError as exc:  # e.g. data tokenized with another tokenizer: every rank finds it
         _report(exc)
         return 2
-    # Installed until the very end: a second SIGTERM (a cluster signals every process, torchrun forwards
-    # another) must not kill a rank while it saves or leaves the process group.
-    with StopRequest() as stop:
-        try:
-            code = trainer.run(stop)
-        except (UsageError, TrainingStopped) as exc:  # a bad LOAD, a non-finite loss
-            code = 2 if isinstance(exc, UsageError) else 1
-            _report(exc)
-        shutdown_distributed()
+    try:
+        code = trainer.run(stop)
+    except (UsageError, TrainingStopped) as exc:  # a bad LOAD, a non-finite loss
+        code = 2 if isinstance(exc, UsageError) else 1
+        _report(exc)
+    shutdown_distributed()
     return code
 
 

@@ -176,7 +176,7 @@ def _bad_cases(tmp_path):
         (["--input", good, *out, "--vocab-size", "100"], "too small"),
         (["--input", good, *out, *train, "--tokenizer-type", "bert"], "not one of"),
         (["--input", good, "--output-prefix", tmp_path, *train], "not a folder"),
-        (["--input", good, *out, *train, "--workers", "0"], "at least 1"),
+        (["--input", good, *out, *train, "--workers", "0"], "--workers: got 0; allowed: 1 to"),
         (["--input", good, *out, "--tokenizer", tmp_path / "nowhere"], "tokenizer not found"),
         (["--input", good, *out, *train, "--dataset-impl", "lazy"], "only mmap"),
         (["--input", good, *out, "--bogus"], "unrecognized arguments"),
@@ -215,3 +215,25 @@ def test_example_script(tmp_path, sample_texts):
     assert proc.returncode == 0, proc.stderr
     ds = IndexedDataset(tmp_path / "data" / "demo")
     assert len(ds) == 1 and load_tokenizer(tmp_path / "data" / "tokenizer").kind == "jiebabpe"
+
+
+def test_a_killed_runs_tokenizer_staging_is_removed(tmp_path, capsys, sample_texts):
+    """A preprocess killed while saving its new tokenizer leaves <folder>.tmp-<host>-<pid>; the next run on
+    this host removes it once that process is gone (another host's, or a live one's, stays)."""
+    import socket
+
+    (tmp_path / "in.txt").write_text("\n".join(sample_texts) * 5, encoding="utf-8")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [tmp_path / "out" / f"tokenizer.tmp-{socket.gethostname()}-{dead.pid}", tmp_path / "out" / f"tokenizer.tmp-{dead.pid}"]
+    kept = [tmp_path / "out" / f"tokenizer.tmp-{socket.gethostname()}-{os.getpid()}x",
+            tmp_path / "out" / f"tokenizer.tmp-other-host-{dead.pid}",
+            tmp_path / "out" / f"tokenizer.tmp-{socket.gethostname()}-{os.getppid()}"]
+    for folder in stale + kept:
+        folder.mkdir(parents=True)
+        (folder / "tokenizer.json").write_text("{}")
+    code, _, err = _run(["--input", tmp_path / "in.txt", "--output-prefix", tmp_path / "out" / "x",
+                         "--vocab-size", 300, "--workers", 1, "--quiet"], capsys)
+    assert code == 0, err
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)

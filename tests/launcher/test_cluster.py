@@ -28,7 +28,7 @@ def test_one_node_several_processes_uses_torchrun(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     cfg = config(4, {})
     argv, env = launch_command(cfg, ["--run-config", "x.json"])
-    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert argv[:3] == [sys.executable, "-m", "launcher.job"]  # torchrun, as a process that dies with the launcher
     assert argv[argv.index("--nproc_per_node") + 1] == "4" and argv[argv.index("--nnodes") + 1] == "1"
     assert argv[-4:] == ["-m", "launcher.pretrain", "--run-config", "x.json"]
     assert env["OMP_NUM_THREADS"] == "4"  # 16 cores / 4 processes
