@@ -24,8 +24,8 @@ def _name_the_cpu_accelerator() -> None:
 _name_the_cpu_accelerator()
 
 from launcher.cli import USAGE, resolve_settings
-from launcher.config import RunConfig
 from launcher.cluster import format_command, launch_command, rendezvous
+from launcher.config import RunConfig
 from launcher.ds_config import build_ds_config, check_ds_config
 from launcher.dryrun import embedded_corpus_note, summary
 from launcher.errors import UsageError

@@ -64,8 +64,8 @@ def test_step_buffers_hold_the_fp32_gradient_partition_of_zero_1_2():
                                {"WORLD_SIZE": "16", "PRECISION": "bf16", "GLOBAL_BATCH_SIZE": "1024"})
     m = estimate_memory(cfg_gpu, cfg_gpu.model_config())
     counts = cfg_gpu.model_config().param_counts()
-    local_experts = counts["expert"] / cfg_gpu.ep_size
-    assert cfg_gpu.ep_size == 128 and cfg_gpu.world_size == 128
+    local_experts = counts["expert"] / cfg_gpu.model.ep_size
+    assert cfg_gpu.model.ep_size == 128 and cfg_gpu.world_size == 128
     assert m.step_buffers >= 6 * local_experts >= 12 * GIB
     assert m.total == m.weights + m.gradients + m.optimizer + max(m.activations, m.step_buffers) + m.overhead
     assert m.total > 60 * GIB  # without the step's buffers it looked like 60 GiB with room to spare
