@@ -59,6 +59,7 @@ def snapshot(root: Path) -> dict:
 # tool: launcher | preprocess | generate; argv "{d}" = the sandbox's data folder, "{s}" = the sandbox.
 L = "launcher"
 P = "preprocess"
+G = "generate"
 
 
 def pos(index: int, value: str) -> str:
@@ -177,6 +178,13 @@ CASES = [
     (P + "-merge-alone", P, "--input {s}/corpus.txt --output-prefix {s}/pp/x --merge-file {s}/m.txt", {}, None, 2,
      "--merge-file needs --vocab-file"),
     (P + "-unknown", P, "--input {s}/corpus.txt --frobnicate", {}, None, 2, "unrecognized arguments"),
+    # generate (its own checks; only what needs no trained checkpoint)
+    ("generate-missing", G, "{s}/no-run --prompt x", {}, None, 2, "no-run"),
+    ("generate-garbage", G, "{s}/garbage --prompt x", {}, "garbage-checkpoint", 2, "garbage"),
+    ("generate-max-new-tokens", G, "{s}/no-run --max-new-tokens 0", {}, None, 2, "--max-new-tokens"),
+    ("generate-top-p", G, "{s}/no-run --top-p 2", {}, None, 2, "--top-p"),
+    ("generate-temperature", G, "{s}/no-run --temperature -1", {}, None, 2, "--temperature"),
+    ("generate-top-k", G, "{s}/no-run --top-k -3", {}, None, 2, "--top-k"),
 ]
 
 
@@ -226,6 +234,9 @@ def test_bad_input(case, sandbox, monkeypatch, capsys, tmp_path):
         monkeypatch.setenv("DATA_PATH", str(sandbox / "data" / "cut"))
     elif setup == "live-job":
         cleanups.append(_live_job(sandbox, out))
+    elif setup == "garbage-checkpoint":  # `latest` names a tag that is not there
+        (sandbox / "garbage" / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (sandbox / "garbage" / "checkpoints" / "latest").write_text("iter_0000009\n")
     before = snapshot(sandbox)
     TALLY["tried"] += 1
     try:
