@@ -214,30 +214,56 @@ def tell_launcher_training_began() -> None:
         _signal(int(leader), signal.SIGUSR1)
 
 
-def remove_stale_build_locks() -> list[Path]:
+def remove_stale_build_locks(min_age_s: float = 30.0) -> list[Path]:
     """torch builds C++ extensions (DeepSpeed's ops, compiled on a job's first use) under a lock file that only
     the builder removes, holding it open meanwhile. A builder killed with its job leaves the file, and every
-    later build waits on it, silently, forever. A lock no process holds open is stale: remove it."""
+    later build waits on it, silently, forever. A lock is stale when it is older than `min_age_s`, no process
+    holds it open, and no process works in its folder (compilers a killed build left behind finish their file
+    first: a new build must not race them). Returns the locks removed."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if not root:
         from torch.utils.cpp_extension import get_default_build_root
 
         root = get_default_build_root()
-    locks = [*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")]
-    if not locks:
-        return []
-    held = set()
-    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+    now = time.time()
+    locks = []
+    for lock in [*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")]:
         try:
-            held.add(os.readlink(fd))
+            if now - lock.stat().st_mtime > min_age_s:  # a lock just taken: its builder may not be seen yet
+                locks.append(lock)
         except OSError:
             pass
+    if not locks:
+        return []
+    in_use = set()  # files held open, and the folders processes work in
+    for proc in Path("/proc").glob("[0-9]*"):
+        for link in [proc / "cwd", *proc.glob("fd/*")]:
+            try:
+                in_use.add(os.readlink(link))
+            except OSError:
+                pass
     removed = []
     for lock in locks:
-        if str(lock.resolve()) not in held:
+        if str(lock.resolve()) not in in_use and str(lock.parent.resolve()) not in in_use:
             lock.unlink(missing_ok=True)
             removed.append(lock)
     return removed
+
+
+def clear_stale_build_locks_while(busy, every_s: float = 10.0) -> None:
+    """A daemon thread removing stale build locks every `every_s` while `busy()`: a worker waiting on a lock
+    whose builder was killed (its compilers still finishing when the job started) goes on once they are done."""
+    import threading
+
+    def loop():
+        while busy():
+            try:
+                remove_stale_build_locks()
+            except Exception:  # noqa: BLE001 - a janitor must never take the worker down
+                pass
+            time.sleep(every_s)
+
+    threading.Thread(target=loop, name="build-lock-janitor", daemon=True).start()
 
 
 # ---------------------------------------------------------------------------- the run folder's lock

@@ -9,7 +9,7 @@ import os
 import sys
 
 # Only what the first lines of main() need: the stop handler goes in before torch is imported.
-from launcher.job import LEADER_ENV, join_job
+from launcher.job import LEADER_ENV, clear_stale_build_locks_while, join_job
 from launcher.training.signals import StartupStopped, StopRequest
 
 
@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopRequest(startup=True, hint=alone)
     try:
         stop.install()  # a stop already pending (signals were blocked until now) is raised right here
+        clear_stale_build_locks_while(lambda: stop.in_startup)  # DeepSpeed compiles its ops in start-up
         return _pretrain(argv, stop)
     except StartupStopped as exc:
         # Nothing to save yet. One line per node; os._exit: a half-built process group must not be waited on.

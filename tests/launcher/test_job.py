@@ -254,14 +254,26 @@ def test_a_build_lock_left_by_a_killed_job_is_removed_a_held_one_is_not(tmp_path
     from launcher.job import remove_stale_build_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    (tmp_path / "cpu_adam").mkdir()
-    (tmp_path / "shm").mkdir()
+    for name in ("cpu_adam", "shm", "fused", "fresh"):
+        (tmp_path / name).mkdir()
+    old = os.path.getmtime(tmp_path) - 120
     stale = tmp_path / "cpu_adam" / "lock"
     stale.touch()
-    building = tmp_path / "shm" / "lock"
+    building = tmp_path / "shm" / "lock"  # its builder holds it open
     fd = os.open(building, os.O_CREAT | os.O_EXCL)
+    compiling = tmp_path / "fused" / "lock"  # the builder was killed, its compiler still works in the folder
+    compiling.touch()
+    compiler = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=tmp_path / "fused")
+    fresh = tmp_path / "fresh" / "lock"  # just taken
+    fresh.touch()
+    for lock in (stale, building, compiling):
+        os.utime(lock, (old, old))
     try:
         assert remove_stale_build_locks() == [stale]
-        assert not stale.exists() and building.exists()
+        assert not stale.exists() and building.exists() and compiling.exists() and fresh.exists()
+        compiler.kill()
+        compiler.wait()
+        assert remove_stale_build_locks() == [compiling]
     finally:
         os.close(fd)
+        compiler.kill()
