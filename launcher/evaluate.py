@@ -60,6 +60,9 @@ def _sources(values):
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        from launcher.inference import resolve_device
+
+        resolve_device(args.device)  # an unknown or absent device: one line, before the checkpoint is read
         if args.device == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # spares DeepSpeed's "no GPU found" warning
         from launcher.evaluation import evaluate_checkpoint

@@ -1,4 +1,4 @@
-"""The bad-input table: launcher, preprocess and generate, each case one clear line and nothing written.
+"""The bad-input table: launcher, preprocess, generate and evaluate, each case one clear line and nothing written.
 
 Every case asserts: the exit code, at most 3 lines on stderr, no traceback, and that the sandbox (data, outputs,
 the folders a run would write) is byte for byte what it was. Cases run in process through the entry points'
@@ -8,6 +8,7 @@ native abort that would take the test process down). `TRIED`/`CLEAN` count them 
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -56,10 +57,11 @@ def snapshot(root: Path) -> dict:
 
 # ---------------------------------------------------------------------------- the cases
 # (id, tool, argv, env, setup, exit code, text the one line must hold)
-# tool: launcher | preprocess | generate; argv "{d}" = the sandbox's data folder, "{s}" = the sandbox.
+# tool: launcher | preprocess | generate | evaluate; argv "{d}" = the sandbox's data folder, "{s}" = the sandbox.
 L = "launcher"
 P = "preprocess"
 G = "generate"
+E = "evaluate"
 
 
 def pos(index: int, value: str) -> str:
@@ -68,6 +70,7 @@ def pos(index: int, value: str) -> str:
     return " ".join(args)
 
 
+DATA = " --tokenizer-path {d}/tokenizer"  # with DATA_PATH={d}/text: the run's model is known before it starts
 CASES = [
     # positional arguments
     ("mode", L, pos(0, "train"), {}, None, 2, "MODE: got 'train'"),
@@ -127,6 +130,15 @@ CASES = [
     ("data-beyond-vocab", L, NANO + " --tokenizer-path {d}/tokenizer", {"DATA_PATH": "{d}/foreign"}, None, 2,
      "holds token id"),
     ("load-missing", L, NANO, {"LOAD": "{s}/old-run"}, None, 2, "LOAD: got"),
+    ("load-garbage", L, NANO, {"LOAD": "{s}/loads/garbage"}, "load:garbage", 2, "LOAD: got"),
+    ("load-bad-state", L, NANO + DATA, {"LOAD": "{s}/loads/bad-state", "DATA_PATH": "{d}/text"}, "load:bad-state", 2,
+     "trainer_state.json: not readable JSON"),
+    ("load-other-experts", L, NANO + DATA, {"LOAD": "{s}/loads/other-experts", "DATA_PATH": "{d}/text"}, "load:other-experts", 2,
+     "its model differs from this run's: experts_per_moe_layer"),
+    ("load-truncated", L, NANO + DATA, {"LOAD": "{s}/loads/truncated", "DATA_PATH": "{d}/text"}, "load:truncated", 2,
+     "has 100 bytes, 4096 were written"),
+    ("load-random-bytes", L, NANO + DATA, {"LOAD": "{s}/loads/random-bytes", "DATA_PATH": "{d}/text"}, "load:random-bytes", 2,
+     "mp_rank_00_model_states.pt: not a whole checkpoint file"),
     ("hostfile-missing", L, NANO + " --hostfile {s}/hosts", {}, None, 2, "--hostfile:"),
     # outputs
     ("output-under-file", L, NANO, {"OUTPUT_BASEPATH": "{s}/a-file/runs"}, None, 2, "is a file"),
@@ -185,6 +197,16 @@ CASES = [
     ("generate-top-p", G, "{s}/no-run --top-p 2", {}, None, 2, "--top-p"),
     ("generate-temperature", G, "{s}/no-run --temperature -1", {}, None, 2, "--temperature"),
     ("generate-top-k", G, "{s}/no-run --top-k -3", {}, None, 2, "--top-k"),
+    # evaluate (the same: what needs no trained checkpoint)
+    ("evaluate-missing", E, "{s}/no-run", {}, None, 2, "no complete checkpoint"),
+    ("evaluate-garbage", E, "{s}/garbage", {}, "garbage-checkpoint", 2, "no complete checkpoint"),
+    ("evaluate-device-tpu", E, "{s}/no-run --device tpu", {}, None, 2, "--device: got 'tpu'"),
+    ("evaluate-device-cuda-absent", E, "{s}/no-run --device cuda", {}, "no-cuda", 2, "no CUDA device"),
+    ("evaluate-batch-size", E, "{s}/no-run --batch-size 0", {}, None, 2, "--batch-size: got 0"),
+    ("evaluate-limit", E, "{s}/no-run --limit -1", {}, None, 2, "--limit: got -1"),
+    ("evaluate-threads", E, "{s}/no-run --threads 0 --tasks stdlib", {}, None, 2, "--threads: got 0"),
+    ("evaluate-data-split", E, "{s}/no-run --data-split dev", {}, None, 2, "--data-split"),
+    ("evaluate-unknown", E, "{s}/no-run --metric ppl", {}, None, 2, "unrecognized arguments"),
 ]
 
 
@@ -203,6 +225,36 @@ def _live_job(sandbox: Path, out: Path):
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return lambda: (proc.kill(), proc.wait())
+
+
+def _damaged_checkpoint(sandbox: Path, kind: str, argv: list[str]) -> None:
+    """sandbox/loads/KIND: a checkpoint tag folder of the run `argv` would start, damaged as KIND says (only
+    what the launcher reads before anything is written; no tensor needed)."""
+    from launcher.cli import resolve_settings
+    from launcher.config import RunConfig
+    from launcher.data.tokenizer import load_tokenizer
+
+    tag = sandbox / "loads" / kind
+    if tag.exists():
+        return
+    tag.mkdir(parents=True)
+    if kind == "garbage":
+        (tag / "latest").write_bytes(os.urandom(64))
+        (tag / "mp_rank_00_model_states.pt").write_bytes(os.urandom(256))
+        return
+    if kind == "bad-state":
+        (tag / "trainer_state.json").write_text("{not json")
+        return
+    if kind == "other-experts":
+        argv = [a if i != 4 else "4" for i, a in enumerate(argv)]  # MOE 4, the run has 8
+    cfg = RunConfig.from_settings(resolve_settings(argv, os.environ)[0])
+    vocab = load_tokenizer(str(sandbox / "data" / "tokenizer"), kind="gpt2bpe").vocab_size
+    (tag / "model_config.json").write_text(json.dumps(cfg.model_config(vocab).to_dict()))
+    written = {"truncated": 4096, "random-bytes": 256}.get(kind, 256)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(os.urandom(100 if kind == "truncated" else written))
+    layout = {"world_size": 1, "ep_size": 1, "zero_stage": 0, "precision": "fp32"}
+    (tag / "trainer_state.json").write_text(json.dumps(
+        {"iteration": 1, "layout": layout, "files": {"mp_rank_00_model_states.pt": written}}))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -234,6 +286,8 @@ def test_bad_input(case, sandbox, monkeypatch, capsys, tmp_path):
         monkeypatch.setenv("DATA_PATH", str(sandbox / "data" / "cut"))
     elif setup == "live-job":
         cleanups.append(_live_job(sandbox, out))
+    elif setup and setup.startswith("load:"):
+        _damaged_checkpoint(sandbox, setup[len("load:"):], argv)
     elif setup == "garbage-checkpoint":  # `latest` names a tag that is not there
         (sandbox / "garbage" / "checkpoints").mkdir(parents=True, exist_ok=True)
         (sandbox / "garbage" / "checkpoints" / "latest").write_text("iter_0000009\n")
@@ -271,8 +325,10 @@ def run_in_process(tool: str, argv: list[str]) -> int:
         from launcher.__main__ import main
     elif tool == "preprocess":
         from launcher.preprocess import main
-    else:
+    elif tool == "generate":
         from launcher.generate import main
+    else:
+        from launcher.evaluate import main
     return main(argv)
 
 
