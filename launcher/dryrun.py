@@ -97,7 +97,7 @@ def summary(cfg: RunConfig, mcfg: GPTMoEConfig, ds_path: str, command: str,
         f"memory       per process: weights {_gib(mem.weights)} + gradients {_gib(mem.gradients)} + optimizer "
         f"{_gib(mem.optimizer)} + max(activations {_gib(mem.activations)}, optimizer-step buffers "
         f"{_gib(mem.step_buffers)}) + overhead {_gib(mem.overhead)} = {_gib(mem.total)} of "
-        f"{_gib(mem.device_total)}: {verdict}")
+        f"{_gib(mem.device_total)} ({mem.device_name}): {verdict}")
     lines.append(f"             {planning_note(cfg)}")
     if mem.host_offload:
         lines.append(f"             host memory for ZeRO-Offload: {_gib(mem.host_offload)} per process")

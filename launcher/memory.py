@@ -88,13 +88,12 @@ def _cuda_visible() -> bool:
 
 def planning_note(cfg: RunConfig) -> str:
     """What the estimate was planned for, and how to plan for another device."""
-    _, source = device_memory(cfg)
-    if cfg.device == "cuda":
-        note = f"planned for GPUs ({source}), {cfg.precision}; --device-memory-gib N plans for GPUs of N GiB"
+    if cfg.device == "cuda":  # the memory figure's source is on the line above, in parentheses
+        note = f"planned for GPUs, {cfg.precision}; --device-memory-gib N plans for GPUs of N GiB"
         if cfg.precision == "fp32" and not _cuda_visible():
             note += "; PRECISION=bf16 for the usual mixed precision (fp32 is the default where no GPU is visible)"
         return note
-    return (f"planned for CPU processes ({source}), {cfg.precision}; to plan a GPU job from here: --device cuda "
+    return (f"planned for CPU processes, {cfg.precision}; to plan a GPU job from here: --device cuda "
             "--device-memory-gib 80 with PRECISION=bf16")
 
 

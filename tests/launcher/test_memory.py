@@ -90,11 +90,11 @@ def test_dryrun_says_what_it_planned_for_and_how_to_plan_a_gpu_job(tmp_path, cap
     monkeypatch.setenv("OUTPUT_BASEPATH", str(tmp_path))
     assert main("dryrun 1 jiebabpe 0.125B 8 0 1 1 sel none 10000".split()) == 0
     out = capsys.readouterr().out
-    assert "planned for CPU processes (host memory / 1 processes), fp32" in out
+    assert "GiB (host memory / 1 processes): fits" in out and "planned for CPU processes, fp32" in out
     assert "--device cuda --device-memory-gib 80 with PRECISION=bf16" in out
     assert "no DATA_PATH: the embedded corpus" in out and "jiebabpe segments Chinese" in out
     assert "DATA_PATH=data/mine" in out
     monkeypatch.setenv("PRECISION", "bf16")
     assert main("dryrun 128 jiebabpe 6.7B 128 0 1 1 sel z1 1000 --device cuda --device-memory-gib 80".split()) == 0
     out = capsys.readouterr().out
-    assert "planned for GPUs (--device-memory-gib 80), bf16" in out and "of 80.00 GiB" in out
+    assert "of 80.00 GiB (--device-memory-gib 80)" in out and "planned for GPUs, bf16" in out
