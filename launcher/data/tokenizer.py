@@ -27,6 +27,7 @@ TOKENIZER_TYPES = ("jiebabpe", "gpt2bpe")
 EOD_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "tokenizer_meta.json"
+HF_CODE_FILE = "tokenization_gpt_moe.py"  # the jiebabpe tokenizer class, copied into exported folders
 MIN_VOCAB_SIZE = 257  # 256 bytes + the end-of-document token
 # Far above any real vocabulary (the largest are ~256K); the BPE trainer sizes its tables by the request, so an
 # absurd one exhausts memory or aborts inside `tokenizers`.
@@ -136,23 +137,43 @@ class Tokenizer:
         return str(directory)
 
     def to_hf(self):
-        """A transformers fast tokenizer with the same vocab, merges and special token.
-
-        For jiebabpe its pre-tokenizer is the GPT-2 regex without jieba (which has no
-        Rust form): it decodes every id exactly as `decode` does and round-trips any
-        string exactly, but may cut Chinese runs into different (equally valid) tokens
-        than `encode`, since BPE merges can then cross jieba word boundaries.
-        """
+        """A transformers fast tokenizer with the same vocab, merges and special token, giving the ids `encode`
+        gives: for jiebabpe a `GPTMoEJiebaTokenizer` (tokenization_gpt_moe.py), which runs jieba first."""
         from tokenizers import Tokenizer as Backend
         from transformers import PreTrainedTokenizerFast
 
-        return PreTrainedTokenizerFast(
+        from launcher.data.tokenization_gpt_moe import GPTMoEJiebaTokenizer
+
+        cls = GPTMoEJiebaTokenizer if self.kind == "jiebabpe" else PreTrainedTokenizerFast
+        return cls(
             tokenizer_object=Backend.from_str(self.backend.to_str()),
             bos_token=EOD_TOKEN,
             eos_token=EOD_TOKEN,
             pad_token=EOD_TOKEN,
             clean_up_tokenization_spaces=False,  # would turn " ." into "." and break the round trip
         )
+
+    def save_hf(self, directory, model_max_length: int | None = None) -> Path:
+        """Write the tokenizer as `AutoTokenizer.from_pretrained(directory)` reads it. jiebabpe also writes
+        its tokenizer class's code (tokenization_gpt_moe.py), which `trust_remote_code=True` loads.
+        `model_max_length`: the model's context, for transformers' length checks."""
+        directory = Path(directory)
+        hf = self.to_hf()
+        if model_max_length is not None:
+            hf.model_max_length = model_max_length
+        hf.save_pretrained(str(directory))
+        config_path = directory / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        config["model_input_names"] = ["input_ids", "attention_mask"]  # no token_type_ids (transformers 4.x)
+        if self.kind == "jiebabpe":
+            code = Path(__file__).with_name(HF_CODE_FILE)
+            (directory / HF_CODE_FILE).write_text(code.read_text(encoding="utf-8"), encoding="utf-8")
+            config["tokenizer_class"] = "GPTMoEJiebaTokenizer"
+            config["auto_map"] = {"AutoTokenizer": [None, f"{Path(HF_CODE_FILE).stem}.GPTMoEJiebaTokenizer"]}
+        else:
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return directory
 
 
 class _Growing:

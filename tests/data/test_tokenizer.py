@@ -126,21 +126,24 @@ def test_gpt2_pair_without_eod_gets_one(tmp_path):
     assert tok.eod_id == 94 and tok.vocab_size == 95
 
 
-def test_to_hf_matches_and_round_trips(trained, kind, tmp_path, sample_texts):
+def test_hf_export_gives_the_same_ids_and_round_trips(trained, kind, tmp_path, sample_texts):
     from transformers import AutoTokenizer
 
+    from launcher.data.tokenization_gpt_moe import GPTMoEJiebaTokenizer
+
     tok = trained[kind][0]
-    hf = tok.to_hf()
-    hf.save_pretrained(tmp_path)
-    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    tok.save_hf(tmp_path, model_max_length=64)
+    # jiebabpe's class is code in the folder (trust_remote_code=True elsewhere); here, the same file imported
+    reloaded = (GPTMoEJiebaTokenizer if kind == "jiebabpe" else AutoTokenizer).from_pretrained(tmp_path)
+    assert (tmp_path / "tokenization_gpt_moe.py").is_file() == (kind == "jiebabpe")
     assert reloaded.eos_token_id == tok.eod_id and reloaded.pad_token_id == tok.pad_id
-    for text in sample_texts:
+    assert reloaded.model_max_length == 64
+    for text in sample_texts + ["\u4e00\U00020000\u9fa6㐀 rare Han characters 𠀀𠀁"]:
         ids = tok.encode(text)
-        assert reloaded.decode(ids) == text  # every id decodes the same
-        hf_ids = reloaded(text, add_special_tokens=False)["input_ids"]
-        assert reloaded.decode(hf_ids) == text  # exact round trip
-        if kind == "gpt2bpe" or not any("\u4e00" <= c <= "\u9fff" for c in text):
-            assert hf_ids == ids  # identical ids wherever jieba has nothing to cut
+        assert reloaded(text, add_special_tokens=False)["input_ids"] == ids  # jieba first, as in training
+        assert reloaded.decode(ids) == text  # exact round trip
+    batch = reloaded(sample_texts, add_special_tokens=False)["input_ids"]
+    assert batch == [tok.encode(t) for t in sample_texts]
 
 
 def test_kind_mismatch_is_refused(trained):
