@@ -75,7 +75,9 @@ def write_folder(model, tokenizer, folder: Path, dtype: str) -> None:
     hf = GPTMoEForCausalLM.from_gpt_moe(model, **ids).to(getattr(torch, dtype))
     hf.save_pretrained(str(folder))  # config.json (auto_map, token ids), model.safetensors, the model's code
     tokenizer.save_hf(folder, model_max_length=model.config.seq_len)
-    GenerationConfig(**ids, max_length=model.config.seq_len, **SAMPLING).save_pretrained(str(folder))
+    # No max_length: transformers then generates 20 new tokens unless told (capped at the position table), and
+    # warns on no call that passes max_new_tokens.
+    GenerationConfig(**ids, **SAMPLING).save_pretrained(str(folder))
     umask = os.umask(0)
     os.umask(umask)
     for path in folder.iterdir():  # safetensors writes its file private (0600); the folder is for sharing

@@ -131,6 +131,28 @@ def test_an_ep1_checkpoint_fine_tunes_with_ep2(run_a, run_b):
     assert "one example per sequence" not in stdout and "packed" in stdout
 
 
+def test_the_fine_tuned_ep2_checkpoint_exports_for_plain_transformers(run_b, pairs, tmp_path):
+    """B's best checkpoint (fine-tuned with EP=2) through `launcher.export`, loaded where neither the toolkit nor
+    DeepSpeed is installed: its greedy continuations of validation prompts are launcher.generate's."""
+    from hf_user import run_as_hf_user
+
+    from launcher.export import main as export_main
+    from launcher.generate import main as generate_main
+
+    best, out = run_b[0] / "checkpoints" / "best", tmp_path / "hf"
+    assert export_main([str(best), str(out)]) == 0
+    prompts = [line.split("\t")[0] for line in pairs[1].read_text().splitlines()[:3]]
+    source, target = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    assert generate_main([str(best), "--input", str(source), "--output", str(target), "--temperature", "0",
+                          "--max-new-tokens", "8"]) == 0
+    expected = [json.loads(line)["prompt"] + json.loads(line)["generation"]
+                for line in target.read_text().splitlines()]
+    user = run_as_hf_user(out, prompts, 8, tmp_path / "user")
+    assert user["import model"] == user["import deepspeed"] == "ModuleNotFoundError"
+    assert user["pipeline"] == expected and user["generate"] == expected
+
+
 def test_an_interrupted_run_resumes_exactly(run_a, run_b, pairs, tmp_path):
     """--exit-interval 3 saves and stops after iteration 3; the same command again resumes there (the
     fine-tuned weights, not the pretrained ones) and trains to the losses of the uninterrupted run B."""
