@@ -4,6 +4,9 @@ Generation tests use weights for which context matters (init std 0.3): at the de
 repeats one token whatever came before, so a cache that loses the context would go unnoticed.
 """
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -81,6 +84,25 @@ def test_generate_with_kv_cache_save_and_auto_load(tmp_path):
     back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(back, GPTMoEForCausalLM)
     assert torch.equal(back.generate(prompt, max_new_tokens=8, do_sample=False), ours)
+
+
+def test_import_model_alone_lets_the_auto_classes_load_a_saved_folder(tmp_path):
+    """A fresh interpreter that imports `model` and nothing of it by name loads a save_pretrained folder with
+    AutoModelForCausalLM, without trust_remote_code, as the toolkit's class, and generates what it generated."""
+    model, hf = _pair()
+    prompt = torch.randint(0, 97, (1, 6))
+    expected = model.generate(prompt, 6, temperature=0)[0].tolist()
+    hf.save_pretrained(tmp_path)
+    code = ("import json, sys, torch, model\n"
+            "from transformers import AutoModelForCausalLM\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+            "out = m.generate(torch.tensor([json.loads(sys.argv[2])]), max_new_tokens=6, do_sample=False)\n"
+            "print(json.dumps([type(m).__module__, out[0].tolist()]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), json.dumps(prompt[0].tolist())],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["model.hf", expected]
 
 
 def test_left_padded_batch_generates_like_each_prompt_alone():
