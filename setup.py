@@ -27,6 +27,8 @@ setup(
         # `python -m launcher.serve`: the HTTP service (ASGI app + server).
         "fastapi>=0.110,<1",
         "uvicorn>=0.29,<1",
+        # python -m launcher.plot_router and examples/compare.py write PNG figures.
+        "matplotlib>=3.7,<4",
     ],
     extras_require={
         "test": ["pytest>=7,<10", "pytest-xdist>=3,<4", "hypothesis>=6,<7"],

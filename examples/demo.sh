@@ -30,6 +30,18 @@ print(f"train LM loss   {train[0]['lm_loss']:.3f} (iteration {train[0]['iteratio
       f"{train[-1]['lm_loss']:.3f} (iteration {train[-1]['iteration']})")
 print(f"validation      loss {valid[-1]['loss']:.3f}, perplexity {valid[-1]['ppl']:.1f} at iteration "
       f"{valid[-1]['iteration']} (first evaluation: perplexity {valid[0]['ppl']:.1f})")
+# Router balance: the mean over MoE layers of each log interval's dropped fraction and busiest/mean load.
+routed = [(r["iteration"], sum(e["dropped"] for e in r["experts"].values()) / len(r["experts"]),
+           max(e["imbalance"] for e in r["experts"].values())) for r in train if r.get("experts")]
+if routed:
+    late = [(it, d) for it, d, _ in routed if it >= 100]
+    shown = [r for r in routed if r[0] in (routed[0][0], 100, 200, 500)] + routed[-1:]
+    print("router          dropped " + ", ".join(f"{100 * d:.1f}% (iter {it})" for it, d, _ in shown)
+          + (f"; at most {100 * max(d for _, d in late):.1f}% from iteration 100 on" if late else "")
+          + f"; busiest expert {routed[-1][2]:.2f}x the mean load at the end")
 PY
+if [ -n "$(grep -m1 '"experts": {"' "$RUN/metrics.jsonl")" ]; then
+    "$PYTHON" -m launcher.plot_router "$RUN"    # dropped fraction, load and router entropy per layer
+fi
 echo "sample          (prompt 'def', temperature 0.8, top-k 40):"
 "$PYTHON" -m launcher.generate "$RUN" --prompt "def" --max-new-tokens 80 --temperature 0.8 --top-k 40

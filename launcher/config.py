@@ -26,7 +26,7 @@ from launcher.finetune_config import (DERIVED_ALWAYS, DERIVED_UNLESS_GIVEN, FINE
                                       FinetuneConfig)
 from launcher.presets import PRESETS, TRAIN_TOKENS, VOCAB_SIZE, WARMUP_TOKENS
 from model.config import FIELDS as MODEL_FIELDS
-from model.config import SIZES, ConfigError, GPTMoEConfig, check_known_keys, upgrade_legacy_fields
+from model.config import SIZES, ConfigError, GPTMoEConfig, RouterKind, check_known_keys, upgrade_legacy_fields
 
 MODES = ("run", "dryrun")
 TOKENIZERS = TOKENIZER_TYPES
@@ -67,6 +67,18 @@ def label(setting: str) -> str:
 
 def _fail(name: str, given, allowed: str) -> None:
     raise UsageError(f"{name}: got {given!r}; allowed: {allowed}")
+
+
+def _routes_by_token_choice(settings: dict) -> bool:
+    """Whether model settings (not yet validated) describe an MoE model with a top-1 or top-2 router."""
+    experts = settings.get("num_experts", 0)
+    if not any(isinstance(n, int) and n > 0 for n in (experts if isinstance(experts, list) else [experts])):
+        return False
+    try:
+        kind = RouterKind(settings.get("router_type", RouterKind.TOP1))
+    except ValueError:
+        return False  # GPTMoEConfig names the bad value
+    return kind.top_k is not None
 
 
 def _relabel(exc: ConfigError) -> UsageError:
@@ -188,7 +200,9 @@ class RunConfig:
             return self.model
         preset = PRESETS[self.model_size]
         settings = {"seq_len": preset.seq_len, "vocab_size": preset.vocab_size or VOCAB_SIZE[self.tokenizer],
-                    **self.model}
+                    **preset.model_defaults, **self.model}
+        if _routes_by_token_choice(settings):
+            settings = {**preset.token_choice_defaults, **settings}
         if "ep_size" not in settings:
             # EP must divide every expert count and the world size; for the usual powers of two this is
             # min(experts, world size), the contract's default.

@@ -62,7 +62,9 @@ def summary(cfg: RunConfig, mcfg: GPTMoEConfig, ds_path: str, command: str,
             f"({', '.join(map(str, moe_layers))}), router {mcfg.router_type.value} = {mcfg.router_type.label}{ec}, "
             f"capacity factor {mcfg.capacity_factor:g} train / {mcfg.eval_capacity_factor:g} eval, "
             f"min capacity {mcfg.min_capacity}, token dropping {'on' if mcfg.drop_tokens else 'off'}, "
-            f"aux loss coef {mcfg.aux_loss_coef:g}" + (", residual (PR-MoE)" if mcfg.use_residual else ""))
+            f"aux loss coef {mcfg.aux_loss_coef:g}"
+            + (f", expert bias (rate {mcfg.expert_bias_rate:g})" if mcfg.expert_bias else "")
+            + (", residual (PR-MoE)" if mcfg.use_residual else ""))
     else:
         lines.append("  experts    none (dense)")
     lines.append(f"  params     total {_count(counts['total'])} ({counts['total']:,}), active per token "

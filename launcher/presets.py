@@ -2,7 +2,7 @@
 
 The architecture side (layers, hidden, heads) lives in `model.config.SIZES`; both tables share names.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Tokens per public default training run, by tokenizer (WuDao for jiebabpe, the Pile for gpt2bpe).
 TRAIN_TOKENS = {"jiebabpe": 100_000_000_000, "gpt2bpe": 300_000_000_000}
@@ -26,6 +26,10 @@ class TrainPreset:
     # 1.3B) with min lr 1% of it.
     moe_lr: float | None = None
     moe_min_lr: float | None = None
+    # Model settings this size trains with unless given: all models, and MoE models with a token-choice
+    # router (top-1, top-2). The large sizes keep GPTMoEConfig's defaults (the published settings).
+    model_defaults: dict = field(default_factory=dict)
+    token_choice_defaults: dict = field(default_factory=dict)
 
     def lrs(self, moe: bool) -> tuple[float, float]:
         if not moe:
@@ -47,7 +51,18 @@ PRESETS: dict[str, TrainPreset] = {
     "nano": TrainPreset(1e-3, 1e-4, 8 * 64, seq_len=64, train_tokens=20 * 8 * 64,
                         warmup_tokens=2 * 8 * 64, vocab_size=512, moe_lr=1e-3, moe_min_lr=1e-4),
     # tiny: 1000 iterations (2M tokens, ~0.6 epoch of the stdlib corpus) take 3-5 minutes on 2 CPU processes;
-    # the LM loss falls from ~8.3 to ~4.3.
+    # the LM loss falls from ~8.3 to ~4.3. Its routers need three things the published settings (tuned for
+    # hidden 768+ and micro batches of tens of thousands of tokens) do not give (README, "Router balance"):
+    # - init std 0.02, not 0.006: at hidden 128 the 0.006 token embeddings are soon outweighed by the vector
+    #   that every token shares (biases learning the unigram distribution), so within 10 iterations every
+    #   router input is nearly the same vector and every token picks the same expert;
+    # - the expert bias (auxiliary-loss-free balancing), which levels the experts' load within tens of
+    #   iterations where the balancing loss takes hundreds;
+    # - capacity factor 2 for token choice: a micro batch is 1,024 tokens from 8 sequences, and even when
+    #   the load is level on average an expert's share of one micro batch varies up to ~2x with its content.
     "tiny": TrainPreset(2e-3, 2e-4, 16 * 128, seq_len=128, train_tokens=1000 * 16 * 128,
-                        warmup_tokens=20 * 16 * 128, vocab_size=4096, moe_lr=2e-3, moe_min_lr=2e-4),
+                        warmup_tokens=20 * 16 * 128, vocab_size=4096, moe_lr=2e-3, moe_min_lr=2e-4,
+                        model_defaults={"init_std": 0.02},
+                        token_choice_defaults={"expert_bias": True, "expert_bias_rate": 0.01,
+                                               "capacity_factor": 2.0}),
 }

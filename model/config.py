@@ -142,6 +142,8 @@ class GPTMoEConfig:
     drop_tokens: bool = True
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
+    expert_bias: bool = False  # auxiliary-loss-free balancing (token choice): a per-expert selection bias
+    expert_bias_rate: float = 1e-3  # how far the expert bias moves per optimizer step (logit units)
     router_jitter: float = 0.0  # multiplicative noise on the router input in training: x * U(1-eps, 1+eps)
     use_rts: bool = True  # random token selection decides who overflows in training (not first-come)
     top2_2nd_expert_sampling: bool = False  # Gumbel-sample the second expert in training (DeepSpeed's default is on)
@@ -179,7 +181,7 @@ class GPTMoEConfig:
         self._check_expert_choice_k()
         if not _is_int(self.min_capacity) or self.min_capacity < 0:
             _fail("min_capacity", self.min_capacity, "an integer >= 0")
-        for name in ("aux_loss_coef", "z_loss_coef"):
+        for name in ("aux_loss_coef", "z_loss_coef", "expert_bias_rate"):
             v = getattr(self, name)
             if not _is_num(v) or not v >= 0 or math.isinf(v):
                 _fail(name, v, "a finite number >= 0")
@@ -187,11 +189,15 @@ class GPTMoEConfig:
             _fail("router_jitter", self.router_jitter, "a number in [0, 1)")
         if not _is_num(self.layer_norm_eps) or not self.layer_norm_eps > 0:
             _fail("layer_norm_eps", self.layer_norm_eps, "a number > 0")
-        for name in ("drop_tokens", "use_rts", "top2_2nd_expert_sampling", "use_residual", "tie_embeddings"):
+        for name in ("drop_tokens", "use_rts", "top2_2nd_expert_sampling", "use_residual", "tie_embeddings",
+                     "expert_bias"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True | False")
         if self.recompute not in RECOMPUTE:
             _fail("recompute", self.recompute, " | ".join(RECOMPUTE))
+        if self.expert_bias and self.router_type is RouterKind.EXPERT_CHOICE:
+            _fail("expert_bias", self.expert_bias, "False with router_type=expert_choice (each expert takes a fixed "
+                  "number of tokens, so there is no load to balance); top1 or top2 for True")
 
     def _check_experts(self):
         n = self.num_experts

@@ -122,7 +122,8 @@ class GPTMoEOutput:
     loss: Tensor | None  # LM cross-entropy, mean over labels != -100
     aux_loss: Tensor  # aux_loss_coef * sum over MoE layers of the balancing loss (0 for dense)
     z_loss: Tensor  # z_loss_coef * sum over MoE layers of the router z-loss
-    # per MoE layer: layer index, expert_counts (E,), dropped_fraction, aux_loss and z_loss (unweighted)
+    # per MoE layer: layer index, expert_counts (E,), dropped_fraction, router entropy, aux_loss and z_loss
+    # (unweighted)
     moe_stats: list[dict] = field(default_factory=list)
     past_key_values: object | None = None
 
@@ -231,7 +232,8 @@ class GPTMoE(nn.Module):
         aux = sum((m.aux_loss for _, m in moe_outputs), zero) * self.config.aux_loss_coef
         z = sum((m.z_loss for _, m in moe_outputs), zero) * self.config.z_loss_coef
         stats = [{"layer": i, "expert_counts": m.expert_counts, "dropped_fraction": m.dropped_fraction,
-                  "aux_loss": m.aux_loss.detach(), "z_loss": m.z_loss.detach()} for i, m in moe_outputs]
+                  "entropy": m.entropy, "aux_loss": m.aux_loss.detach(), "z_loss": m.z_loss.detach()}
+                 for i, m in moe_outputs]
         return GPTMoEOutput(logits, loss, aux, z, stats, cache if use_cache or past_key_values is not None else None)
 
     @staticmethod

@@ -172,11 +172,11 @@ def read_model_config(tag_dir: Path):
         raise UsageError(f"{tag_dir / MODEL_CONFIG}: {str(exc).splitlines()[0]}") from None
 
 
-# What fixes the shape of the weights and how they are used; the rest (capacity, EP, recompute, dropout, loss
-# coefficients) may change between runs of one model.
+# What fixes the shape of the weights and how they are used (the expert bias is a saved buffer); the rest
+# (capacity, EP, recompute, dropout, loss coefficients, the bias's rate) may change between runs of one model.
 SHAPE_FIELDS = ("padded_vocab_size", "seq_len", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size",
                 "moe_layer_indices", "experts_per_moe_layer", "router_type", "experts_per_token", "use_residual",
-                "tie_embeddings")
+                "tie_embeddings", "expert_bias")
 
 
 def _shape(mcfg: GPTMoEConfig) -> dict:

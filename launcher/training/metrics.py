@@ -36,7 +36,8 @@ def _layer_stats(moe_stats, layer_ids: list[int]):
 
 @dataclass
 class ExpertLoad:
-    """Tokens routed to each expert and the fraction dropped, per MoE layer, over one log interval.
+    """Tokens routed to each expert, the fraction dropped and the router entropy, per MoE layer, over one log
+    interval.
 
     Imbalance is max/mean tokens per expert of each micro batch, averaged: summing counts over the interval
     first would hide a router that sends every token to one expert, a different one each step.
@@ -45,8 +46,8 @@ class ExpertLoad:
     EP > 1): summing again over every rank scales all of a layer's counts alike, so the ratios stay right."""
     layer_ids: list[int]
     counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (E,) tokens per expert
-    dropped: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> sum of per-micro-batch fractions
-    imbalance: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> sum of per-micro-batch max/mean
+    # layer -> (dropped fraction, max/mean load, router entropy), each summed over micro batches
+    per_batch: dict[int, torch.Tensor] = field(default_factory=dict)
     batches: int = 0
 
     def add(self, moe_stats) -> None:
@@ -54,39 +55,41 @@ class ExpertLoad:
         for layer, stats in pairs:
             # Kept on the device: summed here, read once per log interval.
             counts = stats["expert_counts"].detach().to(torch.float64)
-            dropped = torch.as_tensor(stats["dropped_fraction"], device=counts.device).detach().to(torch.float64)
-            self.counts[layer] = counts if layer not in self.counts else self.counts[layer] + counts
-            self.dropped[layer] = dropped if layer not in self.dropped else self.dropped[layer] + dropped
+            as64 = lambda v: torch.as_tensor(v, device=counts.device).detach().to(torch.float64)  # noqa: E731
             mean = counts.mean()
             imbalance = torch.where(mean > 0, counts.max() / mean.clamp(min=1e-12), torch.ones_like(mean))
-            self.imbalance[layer] = imbalance if layer not in self.imbalance else self.imbalance[layer] + imbalance
+            entropy = stats.get("entropy")
+            values = torch.stack([as64(stats["dropped_fraction"]), imbalance,
+                                  as64(float("nan") if entropy is None else entropy)])
+            self.counts[layer] = counts if layer not in self.counts else self.counts[layer] + counts
+            self.per_batch[layer] = values if layer not in self.per_batch else self.per_batch[layer] + values
         if pairs:
             self.batches += 1
 
     def reduce(self, device) -> dict:
-        """Collective: every rank calls it. {layer: (imbalance = max/mean tokens per expert, dropped fraction,
-        load = tokens per expert / all tokens)}."""
+        """Collective: every rank calls it. {layer: {imbalance: max/mean tokens per expert, dropped: fraction,
+        entropy: mean router entropy in nats, load: tokens per expert / all tokens}}."""
         if not self.counts:
             return {}
         layers = sorted(self.counts)
         flat = torch.cat([self.counts[i].to(device) for i in layers]
-                         + [torch.stack([self.dropped[i].to(device) for i in layers]),
-                            torch.stack([self.imbalance[i].to(device) for i in layers]),
-                            torch.tensor([self.batches], dtype=torch.float64, device=device)])
+                         + [self.per_batch[i].to(device) for i in layers]
+                         + [torch.tensor([self.batches], dtype=torch.float64, device=device)])
         flat = all_reduce_sum(flat, device).cpu()
-        out, offset = {}, 0
         batches = max(1.0, float(flat[-1]))
-        for n, layer in enumerate(layers):
+        out, offset = {}, 0
+        for layer in layers:
             e = self.counts[layer].numel()
             counts = flat[offset:offset + e]
             offset += e
             total = float(counts.sum())
-            out[layer] = {"imbalance": float(flat[len(flat) - 1 - len(layers) + n]) / batches,
-                          "dropped": float(flat[len(flat) - 1 - 2 * len(layers) + n]) / batches,
-                          "load": [round(float(c) / total, 5) if total else 0.0 for c in counts]}
+            out[layer] = {"load": [round(float(c) / total, 5) if total else 0.0 for c in counts]}
+        for layer in layers:
+            dropped, imbalance, entropy = (float(v) / batches for v in flat[offset:offset + 3])
+            offset += 3
+            out[layer] = {"imbalance": imbalance, "dropped": dropped, "entropy": entropy, **out[layer]}
         self.counts.clear()
-        self.dropped.clear()
-        self.imbalance.clear()
+        self.per_batch.clear()
         self.batches = 0
         return out
 
@@ -187,6 +190,9 @@ def format_train_line(iteration: int, total: int, v: dict) -> str:
         dropped = sum(e["dropped"] for e in experts.values()) / len(experts)
         imbalance = " ".join(f"L{layer}:{e['imbalance']:.2f}" for layer, e in experts.items())
         parts += [f"dropped {100 * dropped:.1f}%", f"load max/mean {imbalance}"]
+        entropies = [e["entropy"] for e in experts.values() if math.isfinite(e.get("entropy", float("nan")))]
+        if entropies:
+            parts.append(f"router entropy {sum(entropies) / len(entropies):.3f}")
     return " | ".join(parts)
 
 

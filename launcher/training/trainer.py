@@ -30,6 +30,7 @@ from launcher.training.metrics import ExpertLoad, MetricsWriter, flops_per_token
 from launcher.training.optim import build_optimizer, set_lr
 from launcher.training.schedule import LRSchedule
 from launcher.training.signals import StopRequest
+from model.moe.router import apply_expert_load, pending_expert_load
 
 if TYPE_CHECKING:
     from launcher.config import RunConfig
@@ -134,8 +135,12 @@ class Trainer:
         nonfinite = (~torch.isfinite(sums).all()).double().reshape(1)
         stop_flag = torch.full((1,), float(stop.requested is not None), dtype=torch.float64, device=sums.device)
         grad_sq = self._grad_sq() if self.own_grad_norm else sums.new_zeros(2)
-        vector = torch.cat([sums / cfg.grad_accum, nonfinite, stop_flag, grad_sq])
-        reduced = all_reduce_sum(vector, self.placement.device).tolist()  # the one host sync of the iteration
+        # Expert-bias routers' load of this step rides along: the bias moves by the load of every rank.
+        expert_load = pending_expert_load(engine.module)
+        parts = [sums / cfg.grad_accum, nonfinite, stop_flag, grad_sq]
+        vector = torch.cat(parts if expert_load is None else [*parts, expert_load.to(sums.device)])
+        reduced_t = all_reduce_sum(vector, self.placement.device)
+        reduced = reduced_t[:EXPERT_SQ + 1].tolist()  # the one host sync of the iteration
         if reduced[NONFINITE] and cfg.precision != "fp16":
             # fp16 has DeepSpeed's loss scaler, which skips the step and lowers the scale; fp32/bf16 have none.
             world = self.cfg.world_size
@@ -145,6 +150,8 @@ class Trainer:
                 f"ranks; the step was not applied. Resume from the last checkpoint with a lower --lr, a longer "
                 f"warm-up (WARMUP_TOKENS) or --clip-grad, or check the data")
         engine.step()
+        if expert_load is not None:
+            apply_expert_load(engine.module, reduced_t[EXPERT_SQ + 1:])
         return reduced
 
     def grad_norm(self, reduced: list[float]) -> float:

@@ -53,6 +53,7 @@ class MoEOutput(NamedTuple):
     z_loss: Tensor  # router z-loss, before its coefficient
     expert_counts: Tensor  # (E,) routes assigned to each expert, summed over the expert-parallel group
     dropped_fraction: Tensor  # see Routing.dropped_fraction
+    entropy: Tensor  # see Routing.entropy
 
 
 class MoECore(nn.Module):
@@ -171,7 +172,8 @@ class MoELayer(MoE):
             gate = ExpertChoiceRouter(h, num_experts, config.expert_choice_k, **common)
         else:
             gate = TopKRouter(h, num_experts, config.router_type.top_k, use_rts=config.use_rts,
-                              second_expert_sampling=config.top2_2nd_expert_sampling, **common)
+                              second_expert_sampling=config.top2_2nd_expert_sampling,
+                              expert_bias_rate=config.expert_bias_rate if config.expert_bias else 0.0, **common)
         experts = GroupedExperts(self.num_local_experts, h, f, group_name=self.expert_group_name,
                                  num_experts=num_experts, first_expert=ep_rank * self.num_local_experts)
         self.deepspeed_moe = MoECore(gate, experts, num_experts, ep, ep_rank, config.eval_capacity_factor,
@@ -197,7 +199,7 @@ class MoELayer(MoE):
             coef_T2 = torch.softmax(self.coefficient(x_TD), dim=-1)
             y_TD = y_TD * coef_T2[:, :1] + self.mlp(x_TD) * coef_T2[:, 1:]
         return MoEOutput(y_TD.view_as(hidden_states), routing.aux_loss, routing.z_loss, counts_E.detach(),
-                         routing.dropped_fraction.detach())
+                         routing.dropped_fraction.detach(), routing.entropy)
 
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
         """Called on this layer alone, as DeepSpeed's engine does when it writes one file per expert, the

@@ -14,6 +14,12 @@ lose too much in bf16 (Switch Transformer, section 2.4).
 
 Randomness (jitter, random token selection, second-expert sampling) exists only in training. In eval mode
 every router is deterministic and dropless, so a token's routing depends on that token alone.
+
+Auxiliary-loss-free balancing (token choice, `expert_bias_rate > 0`; DeepSeek-V3, section 2.1.2): a
+per-expert bias is added to the router logits when experts are selected, never to the combine weights, and
+after each optimizer step it moves by the rate towards balance: down for experts that got more than the mean
+load over the whole step (every micro batch of every data-parallel rank), up for the others
+(`apply_expert_load`). It is a buffer, not a parameter: no gradient, saved in checkpoints, frozen in eval.
 """
 from __future__ import annotations
 
@@ -46,6 +52,9 @@ class Routing:
     # K when routes are K-major blocks over all T tokens (token_R = arange(T) repeated K times, top-k
     # routers), so every token has exactly K routes. 0 otherwise (expert choice).
     routes_per_token: int = 0
+    # fp32 scalar: mean over tokens of the entropy (nats) of the router's distribution over experts; log E is
+    # uniform, 0 is certain. Detached: a statistic, not a loss.
+    entropy: Tensor | None = None
 
 
 def count(index: Tensor, n: int) -> Tensor:
@@ -65,6 +74,18 @@ def load_balancing_loss(probs_TE: Tensor, first_choice_T: Tensor) -> Tensor:
     f_E = count(first_choice_T, num_experts).to(probs_TE.dtype) / num_tokens
     p_E = probs_TE.mean(dim=0)
     return num_experts * torch.sum(f_E * p_E)
+
+
+def router_entropy(probs_TE: Tensor) -> Tensor:
+    """Mean over tokens of -sum_e p log p (nats), detached."""
+    probs_TE = probs_TE.detach()
+    return -(probs_TE * probs_TE.clamp(min=torch.finfo(probs_TE.dtype).tiny).log()).sum(dim=-1).mean()
+
+
+def in_recomputation() -> bool:
+    """True inside backward, where activation recomputation replays a forward: statistics that a training
+    step feeds into state (expert-choice thresholds, expert-bias load) must count each step once."""
+    return getattr(torch._C, "_current_graph_task_id", lambda: -1)() != -1
 
 
 def router_z_loss(logits_TE: Tensor) -> Tensor:
@@ -116,7 +137,7 @@ class Router(nn.Module):
     recognises as not an expert weight) and fp32 logits with optional multiplicative jitter."""
 
     def __init__(self, hidden_size: int, num_experts: int, *, capacity_factor: float, min_capacity: int,
-                 drop_tokens: bool, jitter: float = 0.0):
+                 drop_tokens: bool, jitter: float = 0.0, expert_bias_rate: float = 0.0):
         super().__init__()
         self.wg = nn.Linear(hidden_size, num_experts, bias=False)
         self.num_experts = num_experts
@@ -124,6 +145,17 @@ class Router(nn.Module):
         self.min_capacity = min_capacity
         self.drop_tokens = drop_tokens
         self.jitter = jitter
+        self.expert_bias_rate = expert_bias_rate
+        if expert_bias_rate > 0:
+            # Only with the option on, so checkpoints of routers without it load unchanged. Not named
+            # "expert_...": DeepSpeed's checkpoint writer takes every state key with "expert" in it for an
+            # expert weight.
+            self.register_buffer("selection_bias", torch.zeros(num_experts))
+            # Routes each expert was chosen for since the last update, this rank's micro batches (not saved:
+            # an update consumes it within the step that filled it).
+            self.register_buffer("step_load", torch.zeros(num_experts), persistent=False)
+        else:
+            self.selection_bias = self.step_load = None
 
     def logits(self, x_TD: Tensor) -> Tensor:
         x_TD = x_TD.float()
@@ -133,6 +165,43 @@ class Router(nn.Module):
             x_TD = x_TD * noise
         return F.linear(x_TD, self.wg.weight.float())  # (T, E) fp32
 
+    def count_load(self, counts_E: Tensor) -> None:
+        """Accumulate a training micro batch's routes per expert for the next expert-bias update."""
+        if self.step_load is not None and self.training and torch.is_grad_enabled() and not in_recomputation():
+            self.step_load += counts_E.to(self.step_load.dtype)
+
+    @torch.no_grad()
+    def update_expert_bias(self, load_E: Tensor) -> None:
+        """One step of the bias towards balance, from the step's load over every rank that routes tokens:
+        +rate for experts below the mean load, -rate above it (DeepSeek-V3's sign update). The bias is kept
+        centred (selection does not change when every expert's bias moves alike)."""
+        load_E = load_E.to(self.selection_bias)
+        self.selection_bias += self.expert_bias_rate * torch.sign(load_E.mean() - load_E)
+        self.selection_bias -= self.selection_bias.mean()
+        self.step_load.zero_()
+
+
+def expert_bias_routers(model: nn.Module) -> list[Router]:
+    """The routers of `model` that balance with an expert bias, in module order."""
+    return [m for m in model.modules() if isinstance(m, Router) and m.selection_bias is not None]
+
+
+def pending_expert_load(model: nn.Module) -> Tensor | None:
+    """This rank's load since the last update, every expert-bias router's concatenated (float64), or None.
+    Sum it over every rank that routes tokens (the data-parallel world, which holds the expert-parallel
+    groups) and hand the sum to `apply_expert_load`, once per optimizer step."""
+    routers = expert_bias_routers(model)
+    return torch.cat([r.step_load.double() for r in routers]) if routers else None
+
+
+def apply_expert_load(model: nn.Module, load: Tensor) -> None:
+    """Update every expert-bias router from its slice of the summed `pending_expert_load` vector. Every rank
+    applies the same sums, so the biases stay identical on all ranks."""
+    offset = 0
+    for router in expert_bias_routers(model):
+        router.update_expert_bias(load[offset:offset + router.num_experts])
+        offset += router.num_experts
+
 
 class TopKRouter(Router):
     """Token choice: each token picks its k best experts (k=1 Switch, k=2 GShard).
@@ -140,7 +209,8 @@ class TopKRouter(Router):
     Top-1 weights a token's expert output by the router probability (Switch); top-2 renormalises the two
     probabilities to sum to one after capacity drops (GShard, as DeepSpeed does). In training with
     `drop_tokens`, an expert takes at most C = ceil(k*T/E * capacity_factor) routes (at least min_capacity);
-    the rest are dropped. Otherwise (and always in eval mode) routing is dropless.
+    the rest are dropped. Otherwise (and always in eval mode) routing is dropless. With an expert bias, the
+    experts are the k best of logits + bias; their weights are still the unbiased probabilities.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, k: int, *, use_rts: bool = True,
@@ -156,11 +226,17 @@ class TopKRouter(Router):
         logits_TE = self.logits(x_TD)
         probs_TE = expert_softmax(logits_TE)
         num_tokens, num_experts = probs_TE.shape
-        first_gate_T, first_T = probs_TE.max(dim=-1)
+        if self.selection_bias is None:
+            first_gate_T, first_T = probs_TE.max(dim=-1)
+            select_TE = logits_TE.detach()
+        else:
+            select_TE = logits_TE.detach() + self.selection_bias  # (T, E): chooses, never weights
+            first_T = select_TE.argmax(dim=-1)
+            first_gate_T = probs_TE.gather(1, first_T.unsqueeze(1)).squeeze(1)
         if self.k == 1:
             expert_KT, gate_KT = first_T.unsqueeze(0), first_gate_T.unsqueeze(0)
         else:
-            second_logits_TE = logits_TE.detach()
+            second_logits_TE = select_TE
             if self.training and self.second_expert_sampling:
                 # Gumbel-max: sample the second expert in proportion to its probability (training only).
                 second_logits_TE = second_logits_TE - torch.empty_like(second_logits_TE).exponential_().log()
@@ -172,6 +248,7 @@ class TopKRouter(Router):
         expert_R = expert_KT.flatten()
         order_R, position_R, counts_E = rank_within_experts(
             expert_R, num_experts, shuffle_levels=self.k if dropping and self.use_rts else 0)
+        self.count_load(counts_E)
         capacity = None
         if dropping:
             capacity = expert_capacity(expert_R.numel(), num_experts, self.capacity_factor, self.min_capacity,
@@ -188,7 +265,7 @@ class TopKRouter(Router):
             token_R=torch.arange(num_tokens, device=x_TD.device).repeat(self.k), expert_R=expert_R,
             weight_R=gate_KT.flatten(), position_R=position_R, order_R=order_R, counts_E=counts_E,
             capacity=capacity, aux_loss=load_balancing_loss(probs_TE, first_T), z_loss=router_z_loss(logits_TE),
-            dropped_fraction=dropped, routes_per_token=self.k)
+            dropped_fraction=dropped, routes_per_token=self.k, entropy=router_entropy(probs_TE))
 
 
 class ExpertChoiceRouter(Router):
@@ -248,14 +325,13 @@ class ExpertChoiceRouter(Router):
         return Routing(
             token_R=token_R, expert_R=expert_R, weight_R=weight_R, position_R=position_R, order_R=order_R,
             counts_E=counts_E, capacity=capacity, aux_loss=probs_TE.new_zeros(()), z_loss=router_z_loss(logits_TE),
-            dropped_fraction=1.0 - taken_T.float().mean(), calibration_E=calibration_E)
+            dropped_fraction=1.0 - taken_T.float().mean(), calibration_E=calibration_E,
+            entropy=router_entropy(probs_TE))
 
     @torch.no_grad()
     def calibrate(self, last_accepted_E: Tensor) -> None:
         """Fold one training batch's lowest accepted scores into the inference thresholds."""
-        # Activation recomputation replays the forward inside backward; count each step once.
-        in_backward = getattr(torch._C, "_current_graph_task_id", lambda: -1)() != -1
-        if in_backward:
+        if in_recomputation():  # count each step once
             return
         fresh = torch.isnan(self.ec_threshold)
         blended = EC_THRESHOLD_MOMENTUM * self.ec_threshold + (1 - EC_THRESHOLD_MOMENTUM) * last_accepted_E

@@ -57,6 +57,10 @@ CASES = {
     "drop_tokens": (["--no-drop-tokens"], False, lambda m: _gate(m).drop_tokens is False),
     "aux_loss_coef": (["--aux-loss-coef", "0.5"], 0.5, lambda m: _aux_weight(m) == pytest.approx(0.5)),
     "z_loss_coef": (["--z-loss-coef", "0.25"], 0.25, lambda m: _z_weight(m) == pytest.approx(0.25)),
+    "expert_bias": (["--expert-bias"], True,
+                    lambda m: _gate(m).selection_bias is not None and _gate(m).expert_bias_rate == 1e-3),
+    "expert_bias_rate": (["--expert-bias", "--expert-bias-rate", "0.01"], 0.01,
+                         lambda m: _gate(m).expert_bias_rate == 0.01),
     "router_jitter": (["--router-jitter", "0.01"], 0.01, lambda m: _gate(m).jitter == 0.01),
     "use_rts": (["--use-rts", "false"], False, lambda m: _gate(m).use_rts is False),
     "top2_2nd_expert_sampling": (["--router-type", "top2", "--top2-2nd-expert-sampling"], True,
@@ -109,6 +113,23 @@ def test_model_flag_reaches_the_model(out_dir, capsys, field):
         mcfg = dataclasses.replace(mcfg, ep_size=1)
     model = GPTMoE(mcfg, ep_rank=0)
     assert shows(model), f"{' '.join(flags)} resolved to {resolved!r} but the model built from it does not show it"
+
+
+@pytest.mark.parametrize("positional, flags, expected", [
+    ("8 0", [], {"init_std": 0.02, "expert_bias": True, "expert_bias_rate": 0.01, "capacity_factor": 2.0}),
+    ("8 2", [], {"init_std": 0.02, "expert_bias": True, "capacity_factor": 2.0}),
+    ("8 1", [], {"init_std": 0.02, "expert_bias": False, "capacity_factor": 1.0}),  # expert choice: c is its size
+    ("none 0", [], {"init_std": 0.02, "expert_bias": False, "capacity_factor": 1.0}),
+    ("8 0", ["--no-expert-bias", "--capacity-factor", "1.25", "--init-method-std", "0.006"],
+     {"init_std": 0.006, "expert_bias": False, "capacity_factor": 1.25}),
+])
+def test_tiny_trains_with_its_own_router_defaults(out_dir, positional, flags, expected):
+    """The demo size's defaults (launcher/presets.py); given flags win; other sizes keep the published ones."""
+    cfg = build_run_config(f"dryrun 2 gpt2bpe tiny {positional} 8 1 none none 100".split() + flags,
+                           {"OUTPUT_BASEPATH": str(out_dir)})
+    assert {k: getattr(cfg.model, k) for k in expected} == expected
+    nano = build_run_config(NANO, {"OUTPUT_BASEPATH": str(out_dir)}).model
+    assert (nano.init_std, nano.expert_bias, nano.capacity_factor) == (0.006, False, 1.0)
 
 
 def test_megatron_seq_length_is_seq_len(out_dir, capsys):

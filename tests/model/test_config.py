@@ -50,11 +50,19 @@ def test_from_size_errors_list_what_is_allowed():
     ("drop_tokens", "yes", "drop_tokens.*True \\| False"),
     ("moe_layer_interval", 0, "moe_layer_interval.*>= 1"),
     ("router_jitter", 1.5, "router_jitter"),
+    ("expert_bias_rate", -0.1, "expert_bias_rate.*a finite number >= 0"),
+    ("expert_bias", 1, "expert_bias.*True \\| False"),
 ])
 def test_validation_names_field_value_and_allowed(field, value, words):
     with pytest.raises(ValueError, match=words) as err:
         nano(**{field: value})
     assert "\n" not in str(err.value) and f"GPTMoEConfig.{field}" in str(err.value)
+
+
+def test_expert_bias_is_for_token_choice_routers():
+    assert nano(expert_bias=True, router_type="top2").expert_bias
+    with pytest.raises(ValueError, match="expert_bias.*True.*expert_choice"):
+        nano(expert_bias=True, router_type="expert_choice")
 
 
 def test_derived_fields_and_moe_layer_indices():

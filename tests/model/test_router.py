@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from model.moe.router import (ExpertChoiceRouter, TopKRouter, expert_capacity, load_balancing_loss,
-                              router_z_loss)
+from model.moe.router import (ExpertChoiceRouter, TopKRouter, apply_expert_load, expert_capacity,
+                              load_balancing_loss, pending_expert_load, router_z_loss)
 
 
 def _router(cls, num_experts, *args, **kw):
@@ -167,3 +167,77 @@ def test_dropless_training_keeps_every_route():
         routing = _router(TopKRouter, 3, k, drop_tokens=False).train()(logits)
         assert routing.capacity is None and len(_routes(routing)) == 10 * k
         assert float(routing.dropped_fraction) == 0.0
+
+
+# ------------------------------------------------------------------ auxiliary-loss-free balancing (expert bias)
+def test_expert_bias_selects_experts_but_does_not_weight_them():
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]])
+    r = _router(TopKRouter, 3, 1, drop_tokens=False, expert_bias_rate=0.1).train()
+    with torch.no_grad():
+        r.selection_bias.copy_(torch.tensor([-1.0, 0.0, 0.0]))  # log 0.6 - 1 < log 0.3: token 0 goes to expert 1
+    routing = r(torch.log(probs))
+    assert _routes(routing) == pytest.approx({(0, 1): 0.3, (1, 1): 0.7})  # weights: the unbiased probabilities
+    # the balancing loss and entropy still see the router's own distribution
+    assert float(routing.entropy) == pytest.approx(float(-(probs * probs.log()).sum(1).mean()), rel=1e-5)
+    top2 = _router(TopKRouter, 3, 2, drop_tokens=False, expert_bias_rate=0.1).train()
+    with torch.no_grad():
+        top2.selection_bias.copy_(torch.tensor([0.0, -2.0, 1.0]))  # expert 2 chosen by both tokens, 1 by neither
+    assert set(_routes(top2(torch.log(probs)))) == {(0, 0), (0, 2), (1, 0), (1, 2)}
+
+
+def test_expert_bias_moves_towards_balance_on_a_skewed_load():
+    """Every token prefers expert 0 a little: the bias lowers expert 0 and raises the others, step by step,
+    until the load spreads; the update follows the load summed over ranks, not one rank's."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 4) * 0.2
+    x[:, 0] += 0.5  # a common direction: every token's logit for expert 0 is higher
+    rate = 0.02
+    r = _router(TopKRouter, 4, 1, use_rts=False, expert_bias_rate=rate).train()
+    first = r(x)
+    assert int(first.counts_E[0]) > 200 and float(first.dropped_fraction) > 0.5
+    assert r.step_load.tolist() == first.counts_E.tolist()
+    apply_expert_load(r, pending_expert_load(r))
+    # -rate for the busy expert, +rate for the others, then centred
+    torch.testing.assert_close(r.selection_bias, torch.tensor([-1.5, 0.5, 0.5, 0.5]) * rate)
+    assert r.step_load.tolist() == [0, 0, 0, 0]  # consumed
+    for _ in range(20):
+        r(x)
+        apply_expert_load(r, pending_expert_load(r))
+    balanced = r(x)
+    assert float(balanced.dropped_fraction) < 0.06 and int(balanced.counts_E.max()) < 1.15 * 64
+    assert -0.5 < float(r.selection_bias[0] - r.selection_bias[1:].mean()) < -0.4  # it cancelled most of the common 0.5
+
+    # Two ranks: one sees only expert 0's tokens, the other mostly expert 1's. The step's load is their sum
+    # (expert 1 busiest), and both ranks' biases move alike, by that sum.
+    ranks = [_router(TopKRouter, 4, 1, drop_tokens=False, expert_bias_rate=rate).train() for _ in range(2)]
+    ranks[0](torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 10))
+    ranks[1](torch.tensor([[0.0, 1.0, 0.0, 0.0]] * 30 + [[0.0, 0.0, 1.0, 0.0]] * 2))
+    total = pending_expert_load(ranks[0]) + pending_expert_load(ranks[1])  # what the all-reduce computes
+    assert total.tolist() == [10, 30, 2, 0]
+    for router in ranks:
+        apply_expert_load(router, total)
+    torch.testing.assert_close(ranks[0].selection_bias, ranks[1].selection_bias)
+    assert ranks[0].selection_bias.tolist() == pytest.approx([0.01, -0.03, 0.01, 0.01])  # mean load 10.5
+
+
+def test_expert_bias_is_frozen_and_deterministic_in_eval_and_saved():
+    r = _router(TopKRouter, 4, 1, expert_bias_rate=0.1)
+    with torch.no_grad():
+        r.selection_bias.copy_(torch.tensor([0.3, -0.1, -0.1, -0.1]))
+    x = torch.randn(64, 4)
+    r.eval()
+    state = torch.get_rng_state()
+    a, b = r(x), r(x)
+    assert torch.equal(torch.get_rng_state(), state)
+    for f in ("token_R", "expert_R", "weight_R"):
+        assert torch.equal(getattr(a, f), getattr(b, f))
+    assert r.step_load.tolist() == [0, 0, 0, 0]  # eval forwards are not counted
+    assert r.selection_bias.tolist() == pytest.approx([0.3, -0.1, -0.1, -0.1])
+    assert torch.equal(a.expert_R, (x + r.selection_bias).argmax(1))  # selection uses the bias in eval too
+    # the bias is part of the state dict (checkpoints), the pending load is not
+    assert set(r.state_dict()) == {"wg.weight", "selection_bias"}
+    other = _router(TopKRouter, 4, 1, expert_bias_rate=0.1).eval()
+    other.load_state_dict(r.state_dict())
+    assert torch.equal(other(x).expert_R, a.expert_R)
+    # without the option there is no bias in the state dict, so older checkpoints load as before
+    assert set(_router(TopKRouter, 4, 1).state_dict()) == {"wg.weight"}

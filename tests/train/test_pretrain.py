@@ -178,6 +178,32 @@ def test_matrix(tiny_corpus, tmp_path, moe, rt, ac, zero, env):
     assert ("offload_optimizer" in ds["zero_optimization"]) == ("OFFLOAD" in env)
 
 
+def test_expert_bias_moves_by_the_load_of_every_rank_once_per_step(tiny_corpus, tmp_path):
+    """--expert-bias over EP=2 with 2 micro batches per step and full recomputation (which replays each
+    forward in backward): after every step each expert's bias moves by -rate x sign(its share of the step's
+    routes - 1/E), the routes of both ranks' micro batches counted once, then the biases are centred. The
+    logged per-iteration load is that share, so the saved bias can be replayed from the metrics."""
+    import torch
+
+    from launcher.training.checkpoint import load_for_inference
+    from model.moe.router import expert_bias_routers
+
+    rate = 0.01
+    launch("run 2 gpt2bpe nano 8 0 2 1 full none 100", train_env(tiny_corpus, tmp_path, iters=4),
+           *flags(tiny_corpus, "--eval-interval", "4", "--expert-bias", "--expert-bias-rate", str(rate)))
+    run = run_dir(tmp_path)
+    train = metrics(run)
+    bias = torch.zeros(8, dtype=torch.float64)
+    for i in (1, 2, 3, 4):
+        share = torch.tensor(train[i]["experts"]["1"]["load"], dtype=torch.float64)
+        bias += rate * torch.sign(1 / 8 - share)
+        bias -= bias.mean()
+    model, _, _ = load_for_inference(run)
+    (router,) = expert_bias_routers(model)
+    assert bias.abs().max() > 0
+    torch.testing.assert_close(router.selection_bias.double(), bias, atol=1e-6, rtol=0)
+
+
 def test_sequence_parallel_matches_one_process(tiny_corpus, tmp_path):
     """DeepSpeed-Ulysses over 2 ranks (each holds half of every sequence) trains the same model as one
     process holding whole sequences: dense, fp32, same data, so the losses agree to rounding."""

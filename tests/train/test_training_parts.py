@@ -147,13 +147,16 @@ def test_find_checkpoint_accepts_run_checkpoints_and_tag_folders(tmp_path):
 def test_expert_load_imbalance_and_dropped_fraction():
     load = ExpertLoad([1, 3])
     for counts in ([6, 2, 0, 0], [0, 0, 2, 6]):
-        load.add([{"layer": 1, "expert_counts": torch.tensor(counts), "dropped_fraction": torch.tensor(0.25)},
+        load.add([{"layer": 1, "expert_counts": torch.tensor(counts), "dropped_fraction": torch.tensor(0.25),
+                   "entropy": torch.tensor(0.5 if counts[0] else 1.0)},
                   {"layer": 3, "expert_counts": torch.tensor([4, 4, 4, 4]), "dropped_fraction": torch.tensor(0.0)}])
     out = load.reduce(torch.device("cpu"))  # no process group: this rank's sums
     # per micro batch 6/2 = 3 both times; the interval's summed counts [6, 2, 2, 6] would say 1.5
     assert out[1]["imbalance"] == pytest.approx(3.0) and out[1]["dropped"] == pytest.approx(0.25)
     assert out[1]["load"] == [0.375, 0.125, 0.125, 0.375]
+    assert out[1]["entropy"] == pytest.approx(0.75)  # the mean over micro batches
     assert out[3]["imbalance"] == 1.0 and out[3]["dropped"] == 0.0
+    assert math.isnan(out[3]["entropy"])  # a layer whose router reported none
     assert load.reduce(torch.device("cpu")) == {}  # reset for the next interval
     line = format_train_line(10, 100, {"lm_loss": 3.0, "aux_loss": 0.01, "z_loss": 0.0, "lr": 1e-3, "grad_norm": 0.5,
                                        "tokens_per_s": 1234.0, "tflops_per_process": 0.01, "eta_s": 3725,
@@ -161,6 +164,7 @@ def test_expert_load_imbalance_and_dropped_fraction():
     assert line.startswith("iter  10/100 | lm loss 3.0000 | aux 0.0100 | lr 1.000e-03 | grad norm 0.500")
     assert "1,234 tok/s" in line and "eta 1:02:05" in line and "dropped 12.5%" in line
     assert "load max/mean L1:3.00 L3:1.00" in line
+    assert line.endswith("router entropy 0.750")  # layers without an entropy are left out of the mean
 
 
 def test_model_flops_count_active_parameters():
