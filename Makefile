@@ -12,7 +12,7 @@ CONSTRAINTS := constraints.txt
 # sources' path, so two checkouts rebuild over each other's ops (minutes each); keep them with the venv.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: setup test demo constraints golden clean-venv
+.PHONY: setup test demo compare constraints golden clean-venv
 
 setup: $(STAMP)
 
@@ -45,6 +45,11 @@ test: setup
 
 demo: setup
 	bash examples/demo.sh
+
+# Dense vs MoE at equal training tokens on the embedded corpus: docs/compare.md and docs/compare.png
+# (about 40 minutes on 2 cores; runs are kept under runs/compare and reused).
+compare: setup
+	$(PY) examples/compare.py
 
 clean-venv:
 	rm -rf $(VENV)
