@@ -88,6 +88,9 @@ class Router(nn.Module):
             # Each expert's acceptance threshold, calibrated in training; NaN if it never was.
             self.register_buffer("ec_threshold", torch.full((num_experts,), float("nan")))
             self.fallback_k = max(1, min(num_experts, round(config.expert_choice_k * config.capacity_factor)))
+        biased = getattr(config, "expert_bias", False) and self.kind != "expert_choice"
+        # chooses experts, never weights them
+        self.register_buffer("selection_bias", torch.zeros(num_experts) if biased else None)
 
     def forward(self, x_ND: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         logits_NE = F.linear(x_ND.float(), self.wg.weight.float())
@@ -101,11 +104,13 @@ class Router(nn.Module):
                 chosen_NE = probs_NE >= self.ec_threshold
             token_R, expert_R = chosen_NE.nonzero(as_tuple=True)
             return token_R, expert_R, probs_NE[token_R, expert_R]
-        first_p_N, first_N = probs_NE.max(dim=-1)
+        select_NE = logits_NE if self.selection_bias is None else logits_NE + self.selection_bias.float()
+        first_N = select_NE.argmax(dim=-1)
+        first_p_N = probs_NE.gather(1, first_N[:, None]).squeeze(1)
         tokens_N = torch.arange(n, device=x_ND.device)
         if self.kind == "top1":
             return tokens_N, first_N, first_p_N
-        second_N = logits_NE.scatter(1, first_N[:, None], float("-inf")).argmax(dim=-1)
+        second_N = select_NE.scatter(1, first_N[:, None], float("-inf")).argmax(dim=-1)
         gates_2N = torch.stack([first_p_N, probs_NE.gather(1, second_N[:, None]).squeeze(1)])
         gates_2N = gates_2N / gates_2N.sum(dim=0, keepdim=True).clamp(min=torch.finfo(gates_2N.dtype).eps)
         return tokens_N.repeat(2), torch.cat([first_N, second_N]), gates_2N.flatten()

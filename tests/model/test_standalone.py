@@ -18,6 +18,7 @@ from .conftest import build, nano
 CASES = {
     "top1": dict(router_type="top1"),
     "top2": dict(router_type="top2"),
+    "top2-expert-bias": dict(router_type="top2", expert_bias=True),
     "expert-choice": dict(router_type="expert_choice", expert_choice_k=2.0),
     "expert-choice-uncalibrated": dict(router_type="expert_choice", expert_choice_k=1.5, capacity_factor=2.0),
     "pr-moe-pyramid": dict(router_type="top2", use_residual=True, num_layers=4, num_experts=[2, 4]),
@@ -35,6 +36,9 @@ def _pair(case: str, seed: int = 0, **overrides):
     if "uncalibrated" not in case:  # one training forward calibrates expert-choice thresholds
         model.train()
         model(torch.randint(0, cfg.vocab_size, (4, cfg.seq_len)))
+    if "expert-bias" in case:  # a bias that changes which experts are chosen
+        for layer in moe_layers(model):
+            layer.deepspeed_moe.gate.selection_bias.copy_(torch.randn(layer.num_experts))
     model.eval()
     hf = GPTMoEForCausalLM.from_gpt_moe(model)
     standalone = Standalone(StandaloneConfig(**hf.config.to_dict())).eval()
@@ -114,7 +118,8 @@ def test_every_setting_inference_reads_has_the_same_name_and_default():
     from model.standalone.configuration_gpt_moe import router_kind
 
     training_only = {"dropout", "eval_capacity_factor", "min_capacity", "drop_tokens", "aux_loss_coef",
-                     "z_loss_coef", "router_jitter", "use_rts", "top2_2nd_expert_sampling", "ep_size", "recompute"}
+                     "z_loss_coef", "router_jitter", "use_rts", "top2_2nd_expert_sampling", "ep_size", "recompute",
+                     "expert_bias_rate"}
     declared = {name: p.default for name, p in inspect.signature(StandaloneConfig.__init__).parameters.items()
                 if name not in ("self", "kwargs")}
     ours = {f.name: f.default for f in dataclasses.fields(GPTMoEConfig) if f.name not in training_only}
