@@ -69,11 +69,11 @@ def _zero_stage(name: str, text: str) -> int:
 
 
 def _experts(name: str, text: str) -> int | list[int]:
-    """`none` (dense), a count, or one count per MoE layer (`4,8`)."""
+    """`none` (dense), a count, or one count per MoE layer (`4,8`; 0 makes that layer dense)."""
     if text.lower() == "none":
         return 0
     if "," in text:
-        return [_int(name, part.strip()) for part in text.split(",")]
+        return [_int(name, part.strip(), minimum=0) for part in text.split(",")]
     return _int(name, text)
 
 

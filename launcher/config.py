@@ -208,8 +208,8 @@ class RunConfig:
             # min(experts, world size), the contract's default.
             counts = settings.get("num_experts", 0)
             counts = counts if isinstance(counts, list) else [counts]
-            if all(isinstance(n, int) and n > 0 for n in counts):
-                settings["ep_size"] = math.gcd(self.world_size, *counts)
+            if all(isinstance(n, int) and n >= 0 for n in counts) and any(counts):
+                settings["ep_size"] = math.gcd(self.world_size, *(n for n in counts if n))  # 0: a dense slot
         try:
             return GPTMoEConfig.from_size(self.model_size, **settings)
         except ConfigError as exc:

@@ -205,11 +205,14 @@ class GPTMoEConfig:
             n = self.num_experts = list(n)
         if isinstance(n, list):
             want = len(self._moe_slots())
-            if not n or any(not _is_int(e) or e < 1 for e in n):
-                _fail("num_experts", n, "0, an integer >= 1, or a non-empty list of integers >= 1")
+            if not n or any(not _is_int(e) or e < 0 for e in n):
+                _fail("num_experts", n, "0, an integer >= 1, or a non-empty list of integers >= 0 (0: that layer "
+                      "is a dense feed-forward layer)")
             if len(n) != want:
                 _fail("num_experts", n, f"a list of {want} counts, one per MoE layer "
                       f"(num_layers={self.num_layers}, moe_layer_interval={self.moe_layer_interval})")
+            if not any(n):
+                n = self.num_experts = 0  # every slot dense: a dense model
         elif not _is_int(n) or n < 0:
             _fail("num_experts", n, "0 (dense), an integer >= 1, or a list of counts per MoE layer")
         elif n and not self._moe_slots():
@@ -244,14 +247,20 @@ class GPTMoEConfig:
         m = self.vocab_pad_multiple
         return -(-self.vocab_size // m) * m
 
-    def moe_layer_indices(self) -> list[int]:
-        """0-based indices of the MoE layers: every `moe_layer_interval`-th, ending each interval."""
-        return self._moe_slots() if self.is_moe else []
-
-    def experts_per_moe_layer(self) -> list[int]:
+    def experts_per_moe_slot(self) -> list[int]:
+        """Experts at every MoE slot (every `moe_layer_interval`-th layer), 0 where a list makes the slot dense."""
         if isinstance(self.num_experts, list):
             return list(self.num_experts)
-        return [self.num_experts] * len(self.moe_layer_indices())
+        return [self.num_experts] * len(self._moe_slots()) if self.is_moe else []
+
+    def moe_layer_indices(self) -> list[int]:
+        """0-based indices of the MoE layers: every `moe_layer_interval`-th, ending each interval, except slots a
+        list of counts sets to 0 (dense there, as a pruned model whose layer kept one expert)."""
+        return [layer for layer, n in zip(self._moe_slots(), self.experts_per_moe_slot()) if n]
+
+    def experts_per_moe_layer(self) -> list[int]:
+        """Expert counts of the MoE layers, in the order of `moe_layer_indices`."""
+        return [n for n in self.experts_per_moe_slot() if n]
 
     def experts_per_token(self) -> float:
         """Experts a token visits on average: 1 (top-1), 2 (top-2), expert_choice_k * capacity_factor (expert

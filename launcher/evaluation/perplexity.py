@@ -40,9 +40,10 @@ def _progress_bar(total: int, desc: str, show: bool):
     return tqdm(total=total, desc=desc, unit="seq", disable=not show, leave=False)
 
 
-def evaluate_indexed(model, prefix: str, split: str, data_split: str, seq_len: int, vocab_size: int,
-                     limit: int | None, batch_size: int, device, pad_id: int, progress: bool = False) -> dict:
-    """Loss over one pass of the `data_split` part ("train", "valid" or "test") of `prefix` under `split`."""
+def indexed_split(prefix: str, split: str, data_split: str, seq_len: int, vocab_size: int, limit: int | None):
+    """(dataset, count, available): the `data_split` part ("train", "valid" or "test") of `prefix` under `split`
+    as training builds its samples (seq_len + 1 tokens each, in the fixed split-seed order), how many of them
+    to read (`limit` at most) and how many one pass over the part holds."""
     from launcher.data.gpt_dataset import (SPLIT_NAMES, SPLIT_SEED, build_gpt_datasets, parse_split,
                                            split_documents)
     from launcher.data.indexed import IndexedDataset
@@ -63,6 +64,13 @@ def evaluate_indexed(model, prefix: str, split: str, data_split: str, seq_len: i
     wanted[part] = count
     # Every part's order comes from the fixed split seed, so the same sequences are evaluated every time.
     dataset = build_gpt_datasets(prefix, split, seq_len, SPLIT_SEED, wanted, vocab_size=vocab_size)[part]
+    return dataset, count, available
+
+
+def evaluate_indexed(model, prefix: str, split: str, data_split: str, seq_len: int, vocab_size: int,
+                     limit: int | None, batch_size: int, device, pad_id: int, progress: bool = False) -> dict:
+    """Loss over one pass of the `data_split` part ("train", "valid" or "test") of `prefix` under `split`."""
+    dataset, count, available = indexed_split(prefix, split, data_split, seq_len, vocab_size, limit)
     nll, counted = 0.0, 0
     with _progress_bar(count, f"{os.path.basename(prefix)} {data_split}", progress) as bar:
         for start in range(0, count, WINDOWS_PER_CHUNK):
@@ -77,19 +85,25 @@ def evaluate_indexed(model, prefix: str, split: str, data_split: str, seq_len: i
             "loss": nll / counted, "perplexity": perplexity(nll, counted)}
 
 
-def evaluate_text(model, tokenizer, paths: Sequence[str], json_key: str, seq_len: int, limit: int | None,
-                  batch_size: int, device, progress: bool = False) -> dict:
-    """Loss per token and bits per byte over the documents of text, folder or jsonl `paths`."""
+def read_documents(paths: Sequence[str], json_key: str, limit: int | None, setting: str = "--data") -> list[str]:
+    """The first `limit` (all: None) documents of text, folder or jsonl `paths`; UsageError (naming `setting`)
+    for none."""
     from launcher.data.sources import expand_inputs, iter_documents
 
-    files = expand_inputs(list(paths))
     documents = []
-    for text in iter_documents(files, json_key):
+    for text in iter_documents(expand_inputs(list(paths)), json_key):
         documents.append(text)
         if limit is not None and len(documents) >= limit:
             break
     if not documents:
-        raise UsageError(f"--data {' '.join(map(str, paths))}: no documents to evaluate")
+        raise UsageError(f"{setting} {' '.join(map(str, paths))}: no documents in it")
+    return documents
+
+
+def evaluate_text(model, tokenizer, paths: Sequence[str], json_key: str, seq_len: int, limit: int | None,
+                  batch_size: int, device, progress: bool = False) -> dict:
+    """Loss per token and bits per byte over the documents of text, folder or jsonl `paths`."""
+    documents = read_documents(paths, json_key, limit)
     eod = tokenizer.eod_id
     nll, counted, text_bytes = 0.0, 0, 0
     with _progress_bar(len(documents), "documents", progress) as bar:
