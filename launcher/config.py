@@ -138,6 +138,9 @@ class RunConfig:
     device_memory_gib: float | None = None  # for dryrun's fit check; None = read from the device
     ignore_memory_check: bool = False  # run even where the memory estimate says it does not fit
     rendezvous_timeout: float = 600.0  # seconds the nodes of a multi-node run wait for each other
+    # A dense checkpoint (run, checkpoints or tag folder) whose weights start this MoE run: each expert a copy of
+    # its layer's feed-forward weights, routers fresh, optimizer and schedule from the start (model/surgery.py).
+    upcycle_from: str | None = None
 
     # --- the model: GPTMoEConfig fields set for this run (a dict) over the MODEL_SIZE preset; the resolved
     # GPTMoEConfig after __post_init__. Defaults from the run: seq_len and vocab_size from the size table,
@@ -154,6 +157,7 @@ class RunConfig:
         self.model = self._resolve_model()
         self._fill_defaults()
         self._check_counts()
+        self._check_upcycle()
         self._check_parallelism()
         self._check_batch()
 
@@ -203,6 +207,11 @@ class RunConfig:
                     **preset.model_defaults, **self.model}
         if _routes_by_token_choice(settings):
             settings = {**preset.token_choice_defaults, **settings}
+        if self.upcycle_from:
+            if settings.get("expert_mlp_bias") is False:
+                raise UsageError("--expert-mlp-bias: got False; allowed: true with --upcycle-from (the experts carry the "
+                                 "dense layer's biases, so the MoE model starts as the dense one)")
+            settings["expert_mlp_bias"] = True
         if "ep_size" not in settings:
             # EP must divide every expert count and the world size; for the usual powers of two this is
             # min(experts, world size), the contract's default.
@@ -294,6 +303,16 @@ class RunConfig:
             _fail("--rendezvous-timeout", self.rendezvous_timeout, "seconds > 0")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", self.run_name):
             _fail("--run-name", self.run_name, "letters, digits and . _ + - (a folder name under OUTPUT_BASEPATH)")
+
+    def _check_upcycle(self) -> None:
+        if not self.upcycle_from:
+            return
+        if not self.model.is_moe:
+            raise UsageError(f"--upcycle-from: this run is dense (MOE none); allowed with an MoE run (MOE an expert "
+                             f"count): upcycling starts one from the dense checkpoint {self.upcycle_from}")
+        if self.load:
+            raise UsageError("--upcycle-from and LOAD: give one; LOAD resumes a run, --upcycle-from starts an MoE run "
+                             "from a dense checkpoint")
 
     def _check_parallelism(self) -> None:
         m = self.model

@@ -25,8 +25,9 @@ FULL_SCAN_TOKENS = 1 << 22  # smaller datasets are read whole
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """Raise UsageError naming the first bad input: split, data, tokenizer, data ids vs vocab, LOAD."""
+    """Raise UsageError naming the first bad input: split, data, tokenizer, data ids vs vocab, LOAD, --upcycle-from."""
     from launcher.data.gpt_dataset import parse_blend, parse_split
+    from launcher.training.checkpoint import find_checkpoint
 
     if parse_split(cfg.split)[0] <= 0:
         raise UsageError(f"--split: got {cfg.split!r}; allowed: a positive share for training, e.g. 98,2,0")
@@ -39,6 +40,10 @@ def check_inputs(cfg: RunConfig) -> None:
         for ds in datasets:
             check_ids_in_vocab(ds, tokenizer.vocab_size, cfg.resolved_tokenizer_path)
     check_resumable(cfg)
+    if cfg.upcycle_from and find_checkpoint(cfg.run_dir / "checkpoints") is None:  # else the run resumes
+        from launcher.training.upcycle import upcycle_source
+
+        upcycle_source(cfg, _run_model_config(cfg))
 
 
 def check_resumable(cfg: RunConfig, run_mcfg: GPTMoEConfig | None = None) -> None:

@@ -227,7 +227,7 @@ def pruned_run_config(original, keep: Sequence[Sequence[int]], out_dir: Path):
 
     return dataclasses.replace(
         original, mode="run", gpus_per_node=1, num_nodes=1, node_rank=0, hostfile=None, sp_size=1, zero_stage=0,
-        offload="none", load=None, model=pruned_config(original.model, keep),
+        offload="none", load=None, upcycle_from=None, model=pruned_config(original.model, keep),
         output_basepath=str(out_dir.resolve().parent), run_name=out_dir.name,
         data_path=_absolute_data_path(original.resolved_data_path),
         tokenizer_path=os.path.abspath(original.resolved_tokenizer_path),

@@ -148,6 +148,9 @@ class GPTMoEConfig:
     use_rts: bool = True  # random token selection decides who overflows in training (not first-come)
     top2_2nd_expert_sampling: bool = False  # Gumbel-sample the second expert in training (DeepSpeed's default is on)
     use_residual: bool = False  # PR-MoE: a dense MLP beside the experts, mixed by a learned coefficient
+    # Experts (and the residual MLP) with fc1/fc2 biases like a dense feed-forward layer: what a model upcycled
+    # from a dense checkpoint needs to start as that model. Off: bias-free experts (Switch, ST-MoE).
+    expert_mlp_bias: bool = False
     ep_size: int = 1
     init_std: float = 0.006
     recompute: str = "none"  # none | sel (attention core) | full (whole transformer layer)
@@ -190,7 +193,7 @@ class GPTMoEConfig:
         if not _is_num(self.layer_norm_eps) or not self.layer_norm_eps > 0:
             _fail("layer_norm_eps", self.layer_norm_eps, "a number > 0")
         for name in ("drop_tokens", "use_rts", "top2_2nd_expert_sampling", "use_residual", "tie_embeddings",
-                     "expert_bias"):
+                     "expert_bias", "expert_mlp_bias"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True | False")
         if self.recompute not in RECOMPUTE:
@@ -292,7 +295,8 @@ class GPTMoEConfig:
         norm = 2 * h
         attention = 4 * h * h + 4 * h + norm  # qkv + out projections (with biases) and the pre-attention norm
         mlp = 2 * h * f + f + h  # fc1 + fc2 with biases
-        expert = 2 * h * f  # experts (and PR-MoE's residual MLP) are bias-free, see model/moe/experts.py
+        # experts (and PR-MoE's residual MLP) are bias-free unless expert_mlp_bias, see model/moe/experts.py
+        expert = 2 * h * f + ((f + h) if self.expert_mlp_bias else 0)
         embedding = v * h + self.seq_len * h + (0 if self.tie_embeddings else v * h)
         total = active = embedding + norm  # + the final norm
         experts_total = 0

@@ -176,7 +176,7 @@ def read_model_config(tag_dir: Path):
 # (capacity, EP, recompute, dropout, loss coefficients, the bias's rate) may change between runs of one model.
 SHAPE_FIELDS = ("padded_vocab_size", "seq_len", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size",
                 "moe_layer_indices", "experts_per_moe_layer", "router_type", "experts_per_token", "use_residual",
-                "tie_embeddings", "expert_bias")
+                "tie_embeddings", "expert_bias", "expert_mlp_bias")
 
 
 def _shape(mcfg: GPTMoEConfig) -> dict:

@@ -23,7 +23,7 @@ import torch
 
 from launcher.errors import UsageError
 from launcher.job import tell_launcher_training_began
-from launcher.training.checkpoint import Checkpointer
+from launcher.training.checkpoint import Checkpointer, find_checkpoint
 from launcher.training.data import PretrainData
 from launcher.training.distributed import Placement, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from launcher.training.metrics import ExpertLoad, MetricsWriter, flops_per_token, format_train_line
@@ -87,6 +87,7 @@ class Trainer:
         self.tokenizer = tokenizer = load_tokenizer(cfg.resolved_tokenizer_path, kind=cfg.tokenizer)
         self.mcfg = cfg.model_config(tokenizer.vocab_size)
         model = build_model(cfg, self.mcfg, p)
+        self.upcycled_from = None  # the dense checkpoint an upcycled run started from
         self.initial_weights(model)
         # Recompute (sel/full) is the model's own torch.utils.checkpoint; nothing to configure on DeepSpeed's side.
         ds = engine_config(cfg, ds_config_path)
@@ -101,7 +102,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ what is trained, on what
     def initial_weights(self, model) -> None:
-        """Before the engine takes `model`: pretraining starts from the model's own initialisation."""
+        """Before the engine takes `model`: pretraining starts from the model's own initialisation, or, in a fresh
+        run with --upcycle-from, from the dense checkpoint's weights (launcher/training/upcycle.py)."""
+        cfg = self.cfg
+        if cfg.upcycle_from and find_checkpoint(cfg.run_dir / "checkpoints") is None:  # else the run resumes
+            from launcher.training.upcycle import upcycle_model, upcycle_source
+
+            self.upcycled_from = upcycle_source(cfg, self.mcfg)
+            upcycle_model(model, self.upcycled_from)
 
     def build_data(self):
         return PretrainData(self.cfg, self.placement, barrier, self.tokenizer.vocab_size)
@@ -237,7 +245,10 @@ class Trainer:
         return 0
 
     def before_training(self, writer) -> None:
-        """A run starting from iteration 0 (not resumed): nothing to do before pretraining."""
+        """A run starting from iteration 0 (not resumed): pretraining only says where an upcycled run started."""
+        if self.upcycled_from:
+            writer.message(f"upcycled from {self.upcycled_from}: every expert starts as its layer's dense "
+                           "feed-forward weights, routers fresh")
 
     def _log(self, writer, iteration, interval, reduced, load, skipped_before) -> None:
         n = interval["iters"]

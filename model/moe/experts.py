@@ -14,8 +14,10 @@ The parameters carry DeepSpeed's expert marks (`allreduce=False`, `group_name`),
 their gradients over the expert-data-parallel group only and
 `split_params_into_different_moe_groups_for_optimizer` puts them in their own optimizer groups.
 
-Experts are bias-free, like Switch/ST-MoE experts: a per-expert bias on sorted routes would cost a gather
-and a segmented reduction per projection, for no measurable quality.
+Experts are bias-free by default, like Switch/ST-MoE experts: a per-expert bias on sorted routes costs a
+gather per projection (and a segmented reduction in backward), for no measurable quality. `bias=True` gives
+each expert fc1/fc2 biases (`fc1_bias` (E, F), `fc2_bias` (E, D)): a model upcycled from a dense checkpoint
+needs them to start as exactly that model (model/surgery.py).
 
 Checkpoint layout. `state_dict()` of a model holds the stacked tensors (`...experts.fc1_weight`, E_local
 rows). DeepSpeed's per-expert files hold one nn.Linear-style expert each,
@@ -29,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# stacked parameter -> name of the same weight inside one DeepSpeed expert module
-PER_EXPERT_NAMES = {"fc1_weight": "fc1.weight", "fc2_weight": "fc2.weight"}
+# stacked parameter -> name of the same weight inside one DeepSpeed expert module (biases: experts with bias)
+PER_EXPERT_NAMES = {"fc1_weight": "fc1.weight", "fc2_weight": "fc2.weight", "fc1_bias": "fc1.bias",
+                    "fc2_bias": "fc2.bias"}
 DS_EXPERTS = "deepspeed_experts"
 
 def gelu(x: Tensor) -> Tensor:
@@ -70,13 +73,15 @@ class GroupedExperts(nn.Module):
     """E_local two-layer GELU MLPs (D -> F -> D), computed together."""
 
     def __init__(self, num_local_experts: int, hidden_size: int, ffn_hidden_size: int, *, group_name: str,
-                 num_experts: int | None = None, first_expert: int = 0):
+                 num_experts: int | None = None, first_expert: int = 0, bias: bool = False):
         super().__init__()
         self.num_local_experts = num_local_experts
         self.num_experts = num_experts or num_local_experts  # across the expert-parallel group
         self.first_expert = first_expert  # global id of local expert 0
         self.fc1_weight = nn.Parameter(torch.empty(num_local_experts, hidden_size, ffn_hidden_size))  # (E, D, F)
         self.fc2_weight = nn.Parameter(torch.empty(num_local_experts, ffn_hidden_size, hidden_size))  # (E, F, D)
+        self.fc1_bias = nn.Parameter(torch.zeros(num_local_experts, ffn_hidden_size)) if bias else None  # (E, F)
+        self.fc2_bias = nn.Parameter(torch.zeros(num_local_experts, hidden_size)) if bias else None  # (E, D)
         for p in self.parameters():
             p.allreduce = False
             p.group_name = group_name
@@ -84,21 +89,33 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ECD: Tensor) -> Tensor:
         """Capacity layout: (E, C, D) -> (E, C, D)."""
-        h_ECF = gelu(torch.bmm(x_ECD, self.fc1_weight))
-        return torch.bmm(h_ECF, self.fc2_weight)
+        if self.fc1_bias is None:
+            h_ECF = gelu(torch.bmm(x_ECD, self.fc1_weight))
+            return torch.bmm(h_ECF, self.fc2_weight)
+        h_ECF = gelu(torch.baddbmm(self.fc1_bias.unsqueeze(1), x_ECD, self.fc1_weight))
+        return torch.baddbmm(self.fc2_bias.unsqueeze(1), h_ECF, self.fc2_weight)
 
     def forward_grouped(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """Grouped layout: routes sorted by expert, counts_E[e] rows each -> (R, D); no padding computed."""
         if x_RD.shape[0] == 0:
             return x_RD.new_zeros(x_RD.shape)
         offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
-        h_RF = gelu(grouped_mm(x_RD, self.fc1_weight, offsets_E))
-        return grouped_mm(h_RF, self.fc2_weight, offsets_E)
+        h_RF = grouped_mm(x_RD, self.fc1_weight, offsets_E)
+        if self.fc1_bias is None:
+            return grouped_mm(gelu(h_RF), self.fc2_weight, offsets_E)
+        # the expert of each row, without a host sync (output_size is known)
+        expert_R = torch.repeat_interleave(torch.arange(counts_E.numel(), device=x_RD.device), counts_E,
+                                           output_size=x_RD.shape[0])
+        h_RF = gelu(h_RF + self.fc1_bias.index_select(0, expert_R))
+        return grouped_mm(h_RF, self.fc2_weight, offsets_E) + self.fc2_bias.index_select(0, expert_R)
 
     @torch.no_grad()
     def reset_parameters(self, std: float, out_std: float, seed: int) -> None:
         """Normal init, each expert from its own generator seeded by (seed, global expert id), so the same
         seed builds the same experts whatever the expert-parallel size and rank."""
+        for bias in (self.fc1_bias, self.fc2_bias):
+            if bias is not None and not bias.is_meta:
+                bias.zero_()
         for local in range(self.num_local_experts):
             for weight, s in ((self.fc1_weight, std), (self.fc2_weight, out_std)):
                 if weight.is_meta:
@@ -115,7 +132,7 @@ def split_stacked(state_dict: dict, prefix: str = "") -> dict:
         key = prefix + name
         if key in state_dict:
             for i, weight in enumerate(state_dict.pop(key).unbind(0)):
-                state_dict[f"{prefix}{DS_EXPERTS}.{i}.{per_expert}"] = weight.t().contiguous()
+                state_dict[f"{prefix}{DS_EXPERTS}.{i}.{per_expert}"] = weight.t().contiguous()  # a bias: as is
     return state_dict
 
 

@@ -175,11 +175,12 @@ class MoELayer(MoE):
                               second_expert_sampling=config.top2_2nd_expert_sampling,
                               expert_bias_rate=config.expert_bias_rate if config.expert_bias else 0.0, **common)
         experts = GroupedExperts(self.num_local_experts, h, f, group_name=self.expert_group_name,
-                                 num_experts=num_experts, first_expert=ep_rank * self.num_local_experts)
+                                 num_experts=num_experts, first_expert=ep_rank * self.num_local_experts,
+                                 bias=config.expert_mlp_bias)
         self.deepspeed_moe = MoECore(gate, experts, num_experts, ep, ep_rank, config.eval_capacity_factor,
                                      config.min_capacity, config.experts_per_token())
         if self.use_residual:
-            self.mlp = MLP(h, f, bias=False)
+            self.mlp = MLP(h, f, bias=config.expert_mlp_bias)
             self.coefficient = nn.Linear(h, 2)  # per-token mix of expert and dense outputs
 
     def reset_parameters(self, std: float, out_std: float) -> None:

@@ -226,13 +226,12 @@ class TopKRouter(Router):
         logits_TE = self.logits(x_TD)
         probs_TE = expert_softmax(logits_TE)
         num_tokens, num_experts = probs_TE.shape
-        if self.selection_bias is None:
-            first_gate_T, first_T = probs_TE.max(dim=-1)
-            select_TE = logits_TE.detach()
-        else:
-            select_TE = logits_TE.detach() + self.selection_bias  # (T, E): chooses, never weights
-            first_T = select_TE.argmax(dim=-1)
-            first_gate_T = probs_TE.gather(1, first_T.unsqueeze(1)).squeeze(1)
+        # The first choice from the logits (plus any selection bias), not the probabilities: the same expert,
+        # except that logits a softmax rounds to equal probabilities (a router started near zero, as an upcycled
+        # one) stay apart.
+        select_TE = logits_TE.detach() if self.selection_bias is None else logits_TE.detach() + self.selection_bias
+        first_T = select_TE.argmax(dim=-1)  # (T,)
+        first_gate_T = probs_TE.gather(1, first_T.unsqueeze(1)).squeeze(1)
         if self.k == 1:
             expert_KT, gate_KT = first_T.unsqueeze(0), first_gate_T.unsqueeze(0)
         else:

@@ -43,7 +43,7 @@ class GPTMoEHFConfig(PretrainedConfig):
                  moe_layer_interval: int = 2, router_type: str = "top1", expert_choice_k: float | None = None,
                  capacity_factor: float = 1.0, use_residual: bool = False, tie_embeddings: bool = True,
                  layer_norm_eps: float = 1e-5, vocab_pad_multiple: int = 128, init_std: float = 0.006,
-                 expert_bias: bool = False, **kwargs):
+                 expert_bias: bool = False, expert_mlp_bias: bool = False, **kwargs):
         self.vocab_size = vocab_size
         self.seq_len = seq_len
         self.num_layers = num_layers
@@ -67,6 +67,8 @@ class GPTMoEHFConfig(PretrainedConfig):
         # Token-choice routers trained with a selection bias (auxiliary-loss-free balancing) keep it: it picks
         # the experts, the probabilities still weight them.
         self.expert_bias = bool(expert_bias) and self.router_type != "expert_choice"
+        # Experts (and PR-MoE's residual MLP) with fc1/fc2 biases: models upcycled from a dense checkpoint.
+        self.expert_mlp_bias = bool(expert_mlp_bias)
         # Tying is done by the model itself (logits reuse the embedding matrix), not by transformers.
         kwargs["tie_word_embeddings"] = False
         super().__init__(**kwargs)

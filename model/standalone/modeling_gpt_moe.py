@@ -117,12 +117,15 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """E bias-free GELU MLPs, stored stacked: fc1_weight (E, D, F), fc2_weight (E, F, D)."""
+    """E GELU MLPs, stored stacked: fc1_weight (E, D, F), fc2_weight (E, F, D); biases fc1_bias (E, F) and
+    fc2_bias (E, D) only with `bias` (upcycled models)."""
 
-    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int):
+    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, bias: bool = False):
         super().__init__()
         self.fc1_weight = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
         self.fc2_weight = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
+        self.fc1_bias = nn.Parameter(torch.zeros(num_experts, ffn_hidden_size)) if bias else None
+        self.fc2_bias = nn.Parameter(torch.zeros(num_experts, hidden_size)) if bias else None
 
     def forward(self, x_ND: Tensor, token_R: Tensor, expert_R: Tensor, weight_R: Tensor) -> Tensor:
         """out[n] = sum over n's routes r of weight_R[r] * expert_{expert_R[r]}(x[n]), summed in fp32."""
@@ -134,7 +137,11 @@ class Experts(nn.Module):
             if count:
                 routes = order_R[start:start + count]
                 tokens = token_R[routes]
-                h = F.gelu(x_ND[tokens] @ self.fc1_weight[e]) @ self.fc2_weight[e]
+                if self.fc1_bias is None:
+                    h = F.gelu(x_ND[tokens] @ self.fc1_weight[e]) @ self.fc2_weight[e]
+                else:
+                    h = F.gelu(x_ND[tokens] @ self.fc1_weight[e] + self.fc1_bias[e]) @ self.fc2_weight[e] \
+                        + self.fc2_bias[e]
                 out_ND.index_add_(0, tokens, h.to(out_ND.dtype) * weight_R[routes, None].to(out_ND.dtype))
             start += count
         return out_ND.to(x_ND.dtype)
@@ -146,7 +153,8 @@ class RoutedExperts(nn.Module):
     def __init__(self, config: GPTMoEHFConfig, num_experts: int):
         super().__init__()
         self.gate = Router(config, num_experts)
-        self.experts = Experts(num_experts, config.hidden_size, config.ffn_hidden_size)
+        self.experts = Experts(num_experts, config.hidden_size, config.ffn_hidden_size,
+                               bias=getattr(config, "expert_mlp_bias", False))
 
     def forward(self, x_ND: Tensor) -> Tensor:
         return self.experts(x_ND, *self.gate(x_ND))
@@ -158,7 +166,7 @@ class MoE(nn.Module):
         self.deepspeed_moe = RoutedExperts(config, num_experts)
         self.use_residual = config.use_residual
         if self.use_residual:
-            self.mlp = MLP(config.hidden_size, config.ffn_hidden_size, bias=False)
+            self.mlp = MLP(config.hidden_size, config.ffn_hidden_size, bias=getattr(config, "expert_mlp_bias", False))
             self.coefficient = nn.Linear(config.hidden_size, 2)
 
     def forward(self, x: Tensor) -> Tensor:

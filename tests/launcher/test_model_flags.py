@@ -66,6 +66,8 @@ CASES = {
     "top2_2nd_expert_sampling": (["--router-type", "top2", "--top2-2nd-expert-sampling"], True,
                                  lambda m: _gate(m).second_expert_sampling is True),
     "use_residual": (["--use-residual"], True, lambda m: hasattr(moe_layers(m)[0], "coefficient")),
+    "expert_mlp_bias": (["--expert-mlp-bias"], True,
+                        lambda m: moe_layers(m)[0].deepspeed_moe.experts.fc2_bias.shape == (8, 64)),
     "ep_size": (["--ep-size", "1"], 1, lambda m: moe_layers(m)[0].num_local_experts == 8),
     "init_std": (["--init-method-std", "0.02"], 0.02,
                  lambda m: float(m.wte.weight.detach().std()) == pytest.approx(0.02, rel=0.05)),

@@ -24,6 +24,8 @@ CASES = {
     "pr-moe-pyramid": dict(router_type="top2", use_residual=True, num_layers=4, num_experts=[2, 4]),
     "every-layer-moe-untied": dict(router_type="top1", moe_layer_interval=1, tie_embeddings=False),
     "dense": dict(num_experts=0),
+    "mlp-bias-pruned-pyramid": dict(router_type="top1", expert_mlp_bias=True, use_residual=True, num_layers=6,
+                                    num_experts=[4, 0, 2]),  # upcycled (expert biases), then pruned
     "shapes": dict(router_type="expert_choice", ffn_hidden_size=96, layer_norm_eps=1e-3, vocab_pad_multiple=7,
                    num_heads=8),
 }
@@ -39,6 +41,11 @@ def _pair(case: str, seed: int = 0, **overrides):
     if "expert-bias" in case:  # a bias that changes which experts are chosen
         for layer in moe_layers(model):
             layer.deepspeed_moe.gate.selection_bias.copy_(torch.randn(layer.num_experts))
+    if "mlp-bias" in case:  # biases that change the experts' outputs
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "experts.fc" in name and "bias" in name or ".mlp.mlp." in name and "bias" in name:
+                    p.normal_(0.0, 0.5)
     model.eval()
     hf = GPTMoEForCausalLM.from_gpt_moe(model)
     standalone = Standalone(StandaloneConfig(**hf.config.to_dict())).eval()

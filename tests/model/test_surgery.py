@@ -1,11 +1,12 @@
 """Weight surgery: pruning experts (outputs as the router restricted to the kept experts gives them; a layer
-keeping one expert becomes a dense layer computing the same), per router."""
+keeping one expert becomes a dense layer computing the same) and upcycling a dense model (the first forward
+equals the dense model's), per router."""
 import pytest
 import torch
 
 from model import GPTMoE
 from model.moe.layer import moe_layers
-from model.surgery import prune_experts, prune_state_dict
+from model.surgery import prune_experts, prune_state_dict, upcycle_mismatches, upcycle_state_dict
 
 from .conftest import build, nano
 
@@ -82,7 +83,7 @@ def test_pruned_model_routes_over_the_kept_experts(router, monkeypatch):
 
 def test_pruning_cuts_tensors_shaped_like_the_weights():
     """Adam's moments are pruned as the weights are: the same function applied to any tensors by those names."""
-    model = build(nano(num_layers=4, num_experts=4))
+    model = build(nano(num_layers=4, num_experts=4, expert_mlp_bias=True))
     moments = {name: torch.randn(p.shape) for name, p in model.named_parameters()}
     cut = prune_state_dict(moments, model.config, [[1, 3], [2]])
     pruned = prune_experts(model, [[1, 3], [2]])
@@ -90,3 +91,55 @@ def test_pruning_cuts_tensors_shaped_like_the_weights():
     experts = "blocks.1.mlp.deepspeed_moe.experts."
     torch.testing.assert_close(cut[experts + "fc1_weight"], moments[experts + "fc1_weight"][[1, 3]])
     torch.testing.assert_close(cut["blocks.3.mlp.fc2.weight"], moments["blocks.3.mlp.deepspeed_moe.experts.fc2_weight"][2].t())
+    torch.testing.assert_close(cut["blocks.3.mlp.fc1.bias"], moments["blocks.3.mlp.deepspeed_moe.experts.fc1_bias"][2])
+
+
+def _dense_trained_like():
+    dense = build(nano(num_layers=4, num_experts=0), seed=3)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in dense.named_parameters():
+            if name.endswith("bias") or "ln" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)  # the biases an upcycled model must carry
+            elif "mlp" in name:
+                p.mul_(20.0)  # feed-forward output that matters to the logits
+            elif name.startswith(("wte", "wpe")):
+                p.mul_(50.0)
+    return dense.eval()
+
+
+@pytest.mark.parametrize("router,residual", [("top1", False), ("top2", False), ("expert_choice", False),
+                                             ("top1", True)])
+def test_upcycled_model_starts_as_the_dense_model(router, residual):
+    """Experts copied (top-1: the router weight 1/E folded into their output projections), routers with logits
+    of ~1e-6: the first forward equals the dense model's to fp32 rounding, while tokens already pick different
+    experts. Eval mode, and top-1 training mode without token dropping, alike."""
+    dense = _dense_trained_like()
+    moe = build(nano(num_layers=4, num_experts=8, router_type=router, expert_mlp_bias=True, use_residual=residual,
+                     drop_tokens=False), seed=5)
+    moe.load_state_dict(upcycle_state_dict(dense.state_dict(), moe))
+    x = torch.randint(0, 97, (4, 32))
+    with torch.no_grad():
+        reference = dense(x).logits
+        assert reference.std() > 0.5
+        out = moe.eval()(x)
+        torch.testing.assert_close(out.logits, reference, rtol=1e-5, atol=1e-5)
+        if router == "top1":
+            torch.testing.assert_close(moe.train()(x).logits, reference, rtol=1e-5, atol=1e-5)
+            assert (out.moe_stats[0]["expert_counts"] > 0).sum() >= 6  # not all tokens on one expert
+    experts = moe.blocks[1].mlp.deepspeed_moe.experts
+    assert torch.equal(experts.fc1_weight[0], experts.fc1_weight[7])
+
+
+def test_upcycling_fills_each_expert_parallel_rank_and_names_mismatches():
+    dense = _dense_trained_like()
+    cfg = nano(num_layers=4, num_experts=4, expert_mlp_bias=True, ep_size=2)
+    rank1 = build(cfg, ep_rank=1)
+    state = upcycle_state_dict(dense.state_dict(), rank1)
+    assert state["blocks.1.mlp.deepspeed_moe.experts.fc1_weight"].shape == (2, 64, 256)
+    torch.testing.assert_close(state["blocks.1.mlp.deepspeed_moe.experts.fc1_bias"][1], dense.state_dict()["blocks.1.mlp.fc1.bias"])
+    wide = nano(num_layers=4, num_experts=4, hidden_size=128, num_heads=4)
+    assert [m[0] for m in upcycle_mismatches(dense.config, wide)] == ["hidden_size", "ffn_hidden_size"]
+    assert upcycle_mismatches(cfg, cfg)[0][0] == "num_experts"  # an MoE checkpoint is not a dense one
+    with pytest.raises(ValueError, match="expert_mlp_bias"):
+        upcycle_state_dict(dense.state_dict(), build(nano(num_layers=4, num_experts=4)))

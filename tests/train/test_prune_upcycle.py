@@ -1,15 +1,18 @@
-"""Expert pruning end to end, on the reference run (nano, top-1 MoE-8 trained over EP=2).
+"""Expert pruning and upcycling end to end, on the reference run (nano, top-1 MoE-8 trained over EP=2).
 
 A pruned run folder is taken by generate and the Hugging Face export and resumes training on 2 processes;
-pruning to one expert gives a dense checkpoint.
+pruning to one expert gives a dense checkpoint, from which an MoE run upcycles over EP=2 and starts exactly
+where the dense model is (its first training loss is the dense model's loss on the same batch).
 """
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import pytest
 import torch
-from train_helpers import SEQ, TOKENS_PER_ITER, flags, launch, metrics, run_dir, train_env
+from train_helpers import ROOT, SEQ, TOKENS_PER_ITER, flags, launch, metrics, run_dir, train_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train")]
 
@@ -29,8 +32,13 @@ def keep4(reference_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dense(reference_run, tmp_path_factory):
+    """Through examples/megatron/run_prune.sh: KEEP 1, BY probability, flags passed on."""
     out = tmp_path_factory.mktemp("pruned") / "nano-dense"
-    assert _prune(reference_run[0], out, "--keep", "1", "--by", "probability", "--eval-data", "none") == 0
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "megatron" / "run_prune.sh"), str(reference_run[0]),
+                           str(out), "1", "probability", "--eval-data", "none", "--threads", "1"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "(dense)" in proc.stdout and "parameters  total" in proc.stdout
     return out
 
 
@@ -117,6 +125,52 @@ def test_pruned_checkpoint_resumes_training(keep4, tiny_corpus, tmp_path):
     report = json.loads((keep4 / "pruning.json").read_text())
     assert train[7]["lm_loss"] < report["validation"]["after"]["loss"] + 1.0  # no restart from scratch
     assert (run / "checkpoints" / "iter_0000008" / "trainer_state.json").is_file()
+
+
+def test_upcycled_run_starts_as_the_dense_model_and_trains_with_ep2(dense, tiny_corpus, tmp_path):
+    """Dropless (so no token is dropped by capacity), the first iteration's loss is the dense checkpoint's loss
+    on the same batch; a second iteration trains; a run of other sizes is refused before anything is written."""
+    from launcher.config import RunConfig
+    from launcher.training.checkpoint import load_for_inference
+    from launcher.training.data import Batches, build_datasets
+    from launcher.training.distributed import Placement
+
+    env = train_env(tiny_corpus, tmp_path, iters=2)
+    proc = launch("run 2 gpt2bpe nano 4 0 2 1 none z2 100", env,
+                  *flags(tiny_corpus, "--upcycle-from", str(dense), "--no-drop-tokens", "--eval-interval", "2"))
+    assert "upcycled from" in proc.stdout and "expert-parallel 2" in proc.stdout and "zero         stage 2" in proc.stdout
+    run = run_dir(tmp_path)
+    train = metrics(run)
+    cfg = RunConfig.read(run / "run_config.json")
+    model, tokenizer, _ = load_for_inference(dense)
+    train_data, _ = build_datasets(cfg, Placement(0, 0, 1, torch.device("cpu")), lambda: None, tokenizer.vocab_size)
+    losses = []
+    for rank in range(2):
+        batches = Batches(cfg, Placement(rank, rank, 1, torch.device("cpu")))
+        for micro in range(cfg.grad_accum):
+            batch = batches.train(train_data, 0, micro)
+            with torch.no_grad():
+                losses.append(float(model(batch.input_ids, labels=batch.labels).loss))
+    assert train[1]["lm_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    assert train[2]["lm_loss"] < train[1]["lm_loss"] + 0.5 and train[2]["grad_norm"] > 0
+    saved = json.loads((run / "checkpoints" / "iter_0000002" / "model_config.json").read_text())
+    assert saved["expert_mlp_bias"] and saved["num_experts"] == 4
+
+    bad = launch("dryrun 2 gpt2bpe nano 4 0 2 1 none none 100", train_env(tiny_corpus, tmp_path / "bad", iters=2),
+                 *flags(tiny_corpus, "--upcycle-from", str(dense), "--hidden-size", "128"), check=False)
+    assert bad.returncode == 2 and not (tmp_path / "bad").exists()
+    assert "--hidden-size 64 (dense checkpoint) vs 128 (this run)" in bad.stdout.strip().splitlines()[-1]
+    other = tmp_path / "other-tokenizer"  # the same vocabulary size, two tokens' ids swapped
+    shutil.copytree(dense / "checkpoints" / "iter_0000006" / "tokenizer", other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    bad = launch("dryrun 2 gpt2bpe nano 4 0 2 1 none none 100", train_env(tiny_corpus, tmp_path / "bad", iters=2),
+                 "--tokenizer-path", str(other), "--upcycle-from", str(dense), check=False)
+    assert bad.returncode == 2 and not (tmp_path / "bad").exists()
+    assert "the dense checkpoint's tokenizer" in bad.stdout.strip().splitlines()[-1]
 
 
 def test_bad_input_is_one_line_and_writes_nothing(reference_run, keep4, tmp_path, capsys):
