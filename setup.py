@@ -5,7 +5,7 @@ setup(
     name="gptmoe-toolkit",
     version="0.1.0",
     description="Train GPT Mixture-of-Experts language models on DeepSpeed from positional launch scripts",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["launcher", "launcher.*", "model", "model.*"]),
     install_requires=[
         # Ranges below the next major version, for installing into your own environment; `make setup` installs

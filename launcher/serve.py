@@ -68,9 +68,13 @@ def main(argv: list[str] | None = None) -> int:
 def _limits(args, seq_len: int):
     from launcher.serving.protocol import Limits
 
-    return Limits(max_prompt_tokens=args.max_prompt_tokens or seq_len - 1,
-                  max_new_tokens=args.max_new_tokens or min(512, seq_len - 1), max_batch_size=args.max_batch_size,
-                  max_queue=args.max_queue, max_request_bytes=args.max_request_bytes, seq_len=seq_len)
+    def given_or(value, default):  # 0 is a value (refused by Limits), not "not given"
+        return default if value is None else value
+
+    return Limits(max_prompt_tokens=given_or(args.max_prompt_tokens, seq_len - 1),
+                  max_new_tokens=given_or(args.max_new_tokens, min(512, seq_len - 1)),
+                  max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                  max_request_bytes=args.max_request_bytes, seq_len=seq_len)
 
 
 def _listen(host: str, port: int) -> socket.socket:

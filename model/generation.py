@@ -379,11 +379,11 @@ def warp(logits_BV: Tensor, temperature_B: Tensor, top_k_B: Tensor, top_p_B: Ten
     and top-p (1 = off), -inf where filtered out, and the token id of each column (None: column = token id).
 
     Candidates in descending order: top-k's own (the largest k of the batch) when every row sets k, else a full
-    sort when some row needs top-p, else the whole vocabulary unsorted (no filter to apply)."""
+    sort when some row needs top-k or top-p, else the whole vocabulary unsorted (no filter to apply)."""
     scaled = logits_BV / temperature_B[:, None]
     if bool((top_k_B > 0).all()):
         values, candidates = scaled.topk(min(int(top_k_B.max()), scaled.shape[-1]), dim=-1)
-    elif bool((top_p_B < 1).any()):
+    elif bool((top_k_B > 0).any() | (top_p_B < 1).any()):  # rows with and without top-k: filter per row
         values, candidates = scaled.sort(dim=-1, descending=True)
     else:
         return scaled, None

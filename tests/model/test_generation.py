@@ -164,6 +164,24 @@ def test_temperature_top_k_top_p_match_transformers(top_k, top_p):
     torch.testing.assert_close(got.softmax(-1), want.softmax(-1))
 
 
+def test_rows_with_and_without_top_k_are_each_filtered_as_alone():
+    """A batch of a top-k row and a row without it (top-p off in both): each row's distribution is the one
+    it gets alone, so batching never turns a row's top-k off."""
+    logits = torch.randn(2, 64) * 3
+    top_k, temperature, top_p = torch.tensor([5, 0]), torch.full((2,), 0.8), torch.ones(2)
+
+    def probs(values, candidates):
+        full = torch.full((values.shape[0], 64), float("-inf"))
+        full.scatter_(1, candidates, values) if candidates is not None else full.copy_(values)
+        return full.softmax(-1)
+
+    both = probs(*warp(logits, temperature, top_k, top_p))
+    for i in range(2):
+        alone = probs(*warp(logits[i:i + 1], temperature[i:i + 1], top_k[i:i + 1], top_p[i:i + 1]))
+        torch.testing.assert_close(both[i:i + 1], alone)
+    assert int((both[0] > 0).sum()) == 5 and int((both[1] > 0).sum()) == 64
+
+
 def test_bad_requests_are_one_line_errors(model):
     decoder = Decoder(model)
     with pytest.raises(ValueError, match="max_new_tokens: got 46; allowed: at most 45"):

@@ -433,6 +433,8 @@ def test_command_line_refuses_bad_input_in_one_line(checkpoint, tmp_path, capsys
     cases = [([str(tmp_path / "nothing")], "not found"),
              ([str(checkpoint), "--max-prompt-tokens", "64"], "--max-prompt-tokens: got 64; allowed: at most 63"),
              ([str(checkpoint), "--max-batch-size", "0"], "--max-batch-size: got 0"),
+             ([str(checkpoint), "--max-prompt-tokens", "0"], "--max-prompt-tokens: got 0"),
+             ([str(checkpoint), "--max-new-tokens", "0"], "--max-new-tokens: got 0"),
              ([str(checkpoint), "--port", "70000"], "--port: got 70000")]
     for argv, message in cases:
         assert serve_main(argv) == 2
