@@ -295,6 +295,9 @@ BAD = [  # (path, body or raw bytes, status, param)
     ("/v1/completions", {"prompt": [1] * 30, "max_tokens": 40}, 400, "max_tokens"),  # 30 + 40 > 64
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"prompt": "x", "temperature": 2.5}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": 1e-50}, 400, "temperature"),
+    ("/", {"text": "x", "temperature": 1e-50}, 400, "temperature"),
+    ("/", {"text": "x", "repetition_penalty": 1e-50}, 400, "repetition_penalty"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
     ("/v1/completions", {"prompt": "x", "top_k": -1}, 400, "top_k"),
