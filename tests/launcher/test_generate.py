@@ -11,27 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.data.tokenizer import train_tokenizer
 from launcher.generate import main
-from launcher.training.checkpoint import write_inference_checkpoint
-from model import GPTMoE, GPTMoEConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "megatron" / "run_text_generation_gpt.sh"
 PROMPTS = ["def add(a, b):", "The quick brown", "x", "明月几时有？把酒问", "import os"]
-TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.", "明月几时有？把酒问青天。",
-         "import os\nimport sys\nprint(os.getcwd())\n"] * 20
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """(run folder, model, tokenizer): nano MoE-4 top-2, 64 positions, context-dependent weights."""
-    root = tmp_path_factory.mktemp("gen")
-    tokenizer = train_tokenizer("gpt2bpe", TEXTS, 300, root / "tokenizer")
-    torch.manual_seed(0)
-    model = GPTMoE(GPTMoEConfig.from_size("nano", vocab_size=tokenizer.vocab_size, seq_len=64, num_experts=4,
-                                          router_type="top2", init_std=0.3)).eval()
-    return write_inference_checkpoint(model, tokenizer, root / "run", iteration=5), model, tokenizer
+def checkpoint(nano_inference_run):
+    """(run folder, model, tokenizer): the shared nano inference run (tests/conftest.py)."""
+    return nano_inference_run
 
 
 def greedy_alone(model, tokenizer, prompt: str, n: int) -> tuple[str, int, str]:

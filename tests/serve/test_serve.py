@@ -19,33 +19,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 
 from launcher.cluster import free_port
-from launcher.data.tokenizer import train_tokenizer
 from launcher.generate import main as generate_main
 from launcher.inference import load_checkpoint
 from launcher.serve import main as serve_main
 from launcher.serving.app import Service, create_app
 from launcher.serving.protocol import Limits
-from launcher.training.checkpoint import write_inference_checkpoint
-from model import GPTMoE, GPTMoEConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.", "明月几时有？把酒问青天。",
-         "import os\nimport sys\nprint(os.getcwd())\n"] * 20
 PROMPTS = ["def add(a, b):", "The quick brown", "x", "明月几时有？把酒问", "import os", "print(", "lazy dog", "return a"]
 LIMITS = dict(max_prompt_tokens=32, max_new_tokens=40, max_batch_size=8, max_queue=16, max_request_bytes=4096)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    tokenizer = train_tokenizer("gpt2bpe", TEXTS, 300, root / "tokenizer")
-    torch.manual_seed(0)
-    model = GPTMoE(GPTMoEConfig.from_size("nano", vocab_size=tokenizer.vocab_size, seq_len=64, num_experts=4,
-                                          router_type="top2", init_std=0.3)).eval()
-    return write_inference_checkpoint(model, tokenizer, root / "run", iteration=5)
+def checkpoint(nano_inference_run):
+    """The shared nano inference run's folder (tests/conftest.py)."""
+    return nano_inference_run[0]
 
 
 class Running:
