@@ -220,9 +220,9 @@ class GPTMoE(nn.Module):
             x = x[:, -logits_to_keep:]
         x = self.ln_f(x)
         weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, weight)  # (B, T, V_padded)
-        if weight.shape[0] != self.config.vocab_size:
-            logits = logits[..., :self.config.vocab_size]
+        # The rows of the real vocabulary only (a contiguous view): the padding rows' logits are never read,
+        # and slicing the logits instead would copy them and, in backward, fill a padded gradient.
+        logits = F.linear(x, weight[:self.config.vocab_size])  # (B, T, V)
 
         loss = None
         if labels is not None:

@@ -244,7 +244,7 @@ class GPTMoEDecoder(nn.Module):
             x = x[:, -logits_to_keep:]
         x = self.ln_f(x)
         weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight)[..., :self.config.vocab_size]  # (B, T, V)
+        return F.linear(x, weight[:self.config.vocab_size])  # (B, T, V): the real vocabulary's rows
 
 
 class GPTMoEPreTrainedModel(PreTrainedModel):
