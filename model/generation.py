@@ -131,7 +131,7 @@ class Decoder:
 
     def _clear_batch(self):
         self.rows = []
-        self.cache = KVCache()
+        self.cache = KVCache(self.model.config.seq_len)
         self.mask_BS: Tensor | None = None  # 1 where the cache holds a real token of the row, 0 for padding
         self.next_token_B: Tensor | None = None  # each row's newest token: not in the cache yet
         self.next_pos_B: Tensor | None = None  # its position (real tokens before it)
@@ -222,7 +222,7 @@ class Decoder:
             mask_BS[i, s - lengths[i]:] = 1
         ids_BS, mask_BS = ids_BS.to(self.device), mask_BS.to(self.device)
         padded = min(lengths) != s
-        cache = KVCache()
+        cache = KVCache(self.model.config.seq_len)
         out = self.model(ids_BS, position_ids=(mask_BS.cumsum(-1) - 1).clamp(min=0) if padded else None,
                          attention_mask=mask_BS if padded else None, past_key_values=cache, logits_to_keep=1)
         seen_BV = torch.zeros(len(requests), self.vocab_size, dtype=torch.bool, device=self.device)

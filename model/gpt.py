@@ -23,19 +23,48 @@ from .moe.layer import MLP, MoELayer, MoEOutput, moe_layers
 
 class KVCache:
     """Past keys and values per layer, (B, H, S, Dh): the layout and `update` signature of transformers'
-    DynamicCache, so attention takes either."""
+    DynamicCache, so attention takes either.
 
-    def __init__(self):
+    `keys[i]` / `values[i]` hold layer i's cached positions. Outside autograd (decoding) they are views into
+    buffers with room to grow: a step writes its new positions in place, where concatenating would copy the
+    whole cache every step (B x S x D per layer, which dominates a batched step's memory traffic); a full
+    buffer doubles, up to `max_length` (the model's seq_len) when given. Assigning other tensors to
+    `keys` / `values` (the Decoder drops finished rows and merges new ones) is allowed: the next update copies
+    them into a fresh buffer.
+    """
+
+    def __init__(self, max_length: int | None = None):
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
+        self.max_length = max_length
+        # per layer: (key buffer, value buffer, the views of them last handed out as keys[i] / values[i])
+        self._buffers: list[tuple[Tensor, Tensor, Tensor, Tensor] | None] = []
 
     def update(self, k: Tensor, v: Tensor, layer_idx: int, cache_kwargs=None) -> tuple[Tensor, Tensor]:
         if layer_idx == len(self.keys):
             self.keys.append(k)
             self.values.append(v)
+            self._buffers.append(None)
+            return k, v
+        old_k, old_v = self.keys[layer_idx], self.values[layer_idx]
+        if k.requires_grad or old_k.requires_grad:  # autograd needs the tensors it saved left unchanged
+            self.keys[layer_idx] = torch.cat([old_k, k], dim=2)
+            self.values[layer_idx] = torch.cat([old_v, v], dim=2)
+            return self.keys[layer_idx], self.values[layer_idx]
+        s, t = old_k.shape[2], k.shape[2]
+        buffers = self._buffers[layer_idx]
+        if buffers is None or buffers[2] is not old_k or buffers[3] is not old_v or s + t > buffers[0].shape[2]:
+            room = 2 * (s + t) if self.max_length is None else max(min(2 * (s + t), self.max_length), s + t)
+            key_buf = old_k.new_empty(*old_k.shape[:2], room, old_k.shape[3])
+            value_buf = old_v.new_empty(*old_v.shape[:2], room, old_v.shape[3])
+            key_buf[:, :, :s] = old_k
+            value_buf[:, :, :s] = old_v
         else:
-            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], k], dim=2)
-            self.values[layer_idx] = torch.cat([self.values[layer_idx], v], dim=2)
+            key_buf, value_buf = buffers[:2]
+        key_buf[:, :, s:s + t] = k
+        value_buf[:, :, s:s + t] = v
+        self.keys[layer_idx], self.values[layer_idx] = key_buf[:, :, :s + t], value_buf[:, :, :s + t]
+        self._buffers[layer_idx] = (key_buf, value_buf, self.keys[layer_idx], self.values[layer_idx])
         return self.keys[layer_idx], self.values[layer_idx]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -200,7 +229,7 @@ class GPTMoE(nn.Module):
         b, t = input_ids.shape
         cache = past_key_values
         if cache is None and use_cache:
-            cache = KVCache()
+            cache = KVCache(max_length=self.config.seq_len)
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             if past + t > self.config.seq_len:

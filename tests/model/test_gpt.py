@@ -112,6 +112,36 @@ def test_kv_cache_matches_the_full_forward(router):
     torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
 
 
+def test_kv_cache_writes_new_positions_in_place_and_matches_concatenation():
+    """Decoding steps append into a buffer (no copy of the whole cache per step); the values are what
+    concatenating would give, also after the Decoder replaces a layer's tensors (rows dropped)."""
+    from model.gpt import KVCache
+
+    torch.manual_seed(0)
+    cache, expected = KVCache(max_length=64), None
+    for step in range(20):
+        k, v = torch.randn(3, 2, 5 if step == 0 else 1, 4), torch.randn(3, 2, 5 if step == 0 else 1, 4)
+        expected = (k, v) if expected is None else (torch.cat([expected[0], k], 2), torch.cat([expected[1], v], 2))
+        got = cache.update(k, v, 0)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        if step == 1:
+            storage = got[0].untyped_storage().data_ptr()
+        elif 1 < step < 7:  # 6 positions after the first decode step: a buffer of 12, no reallocation up to 12
+            assert got[0].untyped_storage().data_ptr() == storage, f"step {step}: the cache was copied"
+    assert cache.get_seq_length() == 24 and cache.keys[0].shape[2] <= 64
+    # The Decoder drops rows by assigning new tensors; the next update starts a fresh buffer from them.
+    cache.keys[0], cache.values[0] = cache.keys[0][[0, 2]], cache.values[0][[0, 2]]
+    k, v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+    got = cache.update(k, v, 0)
+    assert torch.equal(got[0], torch.cat([expected[0][[0, 2]], k], 2))
+    assert torch.equal(got[1], torch.cat([expected[1][[0, 2]], v], 2))
+    # Under autograd the cache concatenates, so backward sees the tensors it saved unchanged.
+    k = torch.randn(2, 2, 1, 4, requires_grad=True)
+    keys, _ = cache.update(k, torch.randn(2, 2, 1, 4), 0)
+    keys.sum().backward()
+    assert torch.equal(k.grad, torch.ones_like(k))
+
+
 def test_generate_greedy_equals_recomputing_everything():
     cfg = nano(router_type="top2")
     model = _trained_once(cfg)
