@@ -10,7 +10,7 @@ Writes OUT/compare.md (the table, the compute-to-target ratio, the seed spread, 
 load) and OUT/compare.png (validation loss against training FLOPs, one curve per model), and prints one JSON
 line with the headline numbers last.
 
-    python examples/compare.py          # every model: about 1.5 hours on 2 quiet cores (dense 4x is a third)
+    python examples/compare.py          # every model: about 40 minutes on 2 quiet cores (dense 4x is a quarter)
     python examples/compare.py --models moe8-ec moe8-top2     # a subset (always with the dense base and MoE-8
                                                               # top-1, which the ratio needs)
     python examples/compare.py --tokens 204800 --out /tmp/cmp --runs /tmp/cmp-runs   # a quick check
@@ -180,7 +180,7 @@ def analyse(rows: list[dict]) -> dict:
     dense = {r["seed"]: r for r in by["dense"]}
     moe = {r["seed"]: r for r in by["moe8-top1"]}
     seeds = [seed for seed in SEEDS if seed in dense and seed in moe]
-    diffs = [moe[seed]["valid_loss"] - dense[seed]["valid_loss"] for seed in seeds]
+    diffs = [moe[seed]["valid_loss"] - dense[seed]["valid_loss"] for seed in seeds]  # paired: same data order
     ratios = [compute_to_target(dense[seed], moe[seed]) for seed in seeds]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     # None with one seed: a spread needs two
@@ -190,6 +190,7 @@ def analyse(rows: list[dict]) -> dict:
             "ratio": [r for r, _ in ratios], "ratio_reached": [ok for _, ok in ratios],
             "ratio_mean": mean([r for r, _ in ratios]),
             "dense_seed_spread": spread(list(dense.values())), "moe_seed_spread": spread(list(moe.values())),
+            "diff_seed_spread": max(diffs) - min(diffs) if len(diffs) > 1 else None,
             "others": {key: compute_to_target(base, group[0])[0] for key, group in by.items()
                        if key not in ("dense", "moe8-top1")}}
 
@@ -273,7 +274,8 @@ def report(rows: list[dict], summary: dict, args, started: dict, finished: dict)
         + (f" Same ratio for the other models against the dense base (seed {s['seeds'][0]}): {others}."
            if others else ""),
         f"- Seed-to-seed spread of the final validation loss: dense base {_nats(s['dense_seed_spread'])}, MoE-8 "
-        f"top-1 {_nats(s['moe_seed_spread'])}.",
+        f"top-1 {_nats(s['moe_seed_spread'])}; of MoE-8 top-1 minus dense base (each seed's pair trains on the "
+        f"same sequences in the same order) {_nats(s['diff_seed_spread'])}.",
         *([f"- Not run here: {', '.join(missing)} (`--models`)."] if missing else []),
         f"- Machine: load average {started['load']:.2f} at the start, {finished['load']:.2f} at the end "
         f"(per run, mean of its start and end: {min(loads):.1f}-{max(loads):.1f}); "
@@ -289,7 +291,7 @@ def report(rows: list[dict], summary: dict, args, started: dict, finished: dict)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=1_024_000, help="training tokens per model")
+    parser.add_argument("--tokens", type=int, default=1_638_400, help="training tokens per model (800 global batches)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for compare.md and compare.png")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "compare", help="run folders")
     parser.add_argument("--models", nargs="+", choices=[m.key for m in MODELS],
@@ -329,6 +331,7 @@ def main(argv=None) -> int:
     print(f"[compare] wrote {args.out / 'compare.md'} and {args.out / 'compare.png'}")
     print(json.dumps({"moe_minus_dense": summary["moe_minus_dense"], "ratio": summary["ratio"],
                       "dense_seed_spread": summary["dense_seed_spread"], "moe_seed_spread": summary["moe_seed_spread"],
+                      "diff_seed_spread": summary["diff_seed_spread"],
                       "load_start": started["load"], "load_end": finished["load"],
                       "valid_loss": {f"{r['key']}-{r['seed']}": round(r["valid_loss"], 4) for r in rows}}))
     return 0

@@ -64,6 +64,7 @@ def test_report_and_plot_of_a_partial_comparison(compare, tmp_path):
     assert summary["seeds"] == [1234, 4321]
     assert summary["moe_minus_dense"] == pytest.approx([-0.1, -0.08])
     assert summary["dense_seed_spread"] == pytest.approx(0.03) and set(summary["others"]) == {"dense-2x"}
+    assert summary["diff_seed_spread"] == pytest.approx(0.02)  # the paired differences: -0.10 and -0.08
     assert all(r > 1 for r in summary["ratio"]) and all(summary["ratio_reached"])
 
     class Args:
@@ -72,9 +73,11 @@ def test_report_and_plot_of_a_partial_comparison(compare, tmp_path):
     text = compare.report(rows, summary, Args, {"date": "today", "load": 2.0}, {"load": 2.5})
     assert "| MoE-8 top-1 | 4321 | 3.20M | 1.30M |" in text and "next_line acc" in text
     assert "-0.100, -0.080 nats (seeds 1234, 4321; mean -0.090)" in text
+    assert "of MoE-8 top-1 minus dense base (each seed's pair trains on the same sequences in the same order) 0.020 nats" in text
     assert "dense 2x (hidden 192)" in text and "Not run here: MoE-8 expert choice, MoE-8 top-2" in text
     compare.plot(rows, 4.0 + 3.0 / 8, tmp_path / "compare.png")
     assert (tmp_path / "compare.png").read_bytes().startswith(b"\x89PNG")
 
     one_seed = compare.analyse([r for r in rows if r["seed"] == 1234])
     assert one_seed["dense_seed_spread"] is None and one_seed["moe_minus_dense"] == pytest.approx([-0.1])
+    assert one_seed["diff_seed_spread"] is None
