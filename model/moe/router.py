@@ -157,6 +157,22 @@ class Router(nn.Module):
         else:
             self.selection_bias = self.step_load = None
 
+    # Router state that is not a weight: the expert bias, its load counts and expert choice's thresholds.
+    # They stay float32 when the model is cast (DeepSpeed's bf16/fp16 engines call .bfloat16() / .half()):
+    # in bf16, counts above 256 round and a bias step of 1e-3 vanishes next to a bias of 0.2.
+    FP32_BUFFERS = ("selection_bias", "step_load", "ec_threshold")
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._buffers.pop(name) for name in self.FP32_BUFFERS if self._buffers.get(name) is not None}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, buf in kept.items():
+                # fn on an empty tensor tells where it sends tensors; the buffer follows there in float32
+                device = fn(buf.new_empty(0)).device
+                self._buffers[name] = buf.to(device=device, dtype=torch.float32)
+        return self
+
     def logits(self, x_TD: Tensor) -> Tensor:
         x_TD = x_TD.float()
         if self.training and self.jitter > 0:

@@ -241,3 +241,28 @@ def test_expert_bias_is_frozen_and_deterministic_in_eval_and_saved():
     assert torch.equal(other(x).expert_R, a.expert_R)
     # without the option there is no bias in the state dict, so older checkpoints load as before
     assert set(_router(TopKRouter, 4, 1).state_dict()) == {"wg.weight"}
+
+
+@pytest.mark.parametrize("cast", [torch.nn.Module.bfloat16, torch.nn.Module.half])
+def test_router_state_stays_float32_when_the_model_is_cast(cast):
+    """DeepSpeed's bf16 and fp16 engines cast the model; the router's weight follows, its counters and bias do
+    not: in bf16 a load of 257 routes reads 256 and a bias step of 1e-3 next to a bias of 0.3 is lost."""
+    from model.moe.router import Router
+
+    from .conftest import build, nano
+
+    model = cast(build(nano(router_type="top1", expert_bias=True, expert_bias_rate=1e-3, num_layers=4)))
+    ec = cast(build(nano(router_type="expert_choice", num_layers=4)))
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    assert routers and all(r.wg.weight.dtype != torch.float32 for r in routers)
+    for r in routers:
+        assert r.selection_bias.dtype == r.step_load.dtype == torch.float32
+    assert all(r.ec_threshold.dtype == torch.float32 for r in ec.modules() if isinstance(r, ExpertChoiceRouter))
+    r = routers[0].train()
+    with torch.no_grad():
+        r.selection_bias.copy_(torch.tensor([0.3, -0.1, -0.1, -0.1]))
+    r.count_load(torch.tensor([257, 1, 1, 1]))
+    assert r.step_load.tolist() == [257, 1, 1, 1]
+    r.update_expert_bias(r.step_load.clone())
+    assert r.selection_bias.tolist() == pytest.approx([0.2985, -0.0995, -0.0995, -0.0995], abs=1e-7)  # step, centred
+    model.train()(torch.randint(0, 97, (2, 16)))  # a cast model still runs, with its float32 router state
