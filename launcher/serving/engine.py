@@ -132,9 +132,16 @@ class Engine:
         for job in cancelled:
             if self._running.pop(job.key, None) is not None:
                 self.decoder.cancel(job.key)
+        # Running before they are added: should adding fail on something else than the request (a bug),
+        # _fail_all reaches every admitted job, and no client waits for a job nobody decodes.
+        self._running.update((job.key, job) for job in admitted)
         for job in admitted:
-            self.decoder.add(Request(job.prompt_ids, job.params, key=job.key))
-            self._running[job.key] = job
+            try:
+                self.decoder.add(Request(job.prompt_ids, job.params, key=job.key))
+            except ValueError as exc:  # a request the decoder cannot run (the handlers check first): its own error
+                del self._running[job.key]
+                job.post("error", str(exc))
+                continue
             self.metrics.admitted(len(job.prompt_ids))
         if not self.decoder.has_work():
             self.decoder.results()  # cancelled rows' completions: nobody waits for them

@@ -433,3 +433,46 @@ def test_command_line_refuses_bad_input_in_one_line(checkpoint, tmp_path, capsys
         assert serve_main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_prompt_the_decoder_refuses_fails_alone_and_its_batch_mates_finish():
+    """The handlers check every prompt before it is queued; should one still be refused when its row is filled,
+    that job gets an error and the jobs admitted with it (before and after it) are decoded, none left waiting."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import torch
+
+    from launcher.serving.engine import Engine, Job
+    from launcher.serving.metrics import Metrics
+    from model import GPTMoE, GPTMoEConfig
+    from model.generation import SamplingParams
+
+    torch.manual_seed(0)
+    model = GPTMoE(GPTMoEConfig.from_size("nano", vocab_size=64, seq_len=16, num_experts=4)).eval()
+    engine = Engine(model, SimpleNamespace(decode=lambda ids: "", pad_id=0), max_batch_size=4, max_queue=8,
+                    metrics=Metrics())
+    greedy = dict(temperature=0.0)
+
+    async def run():
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        jobs = [Job([1, 2, 3], SamplingParams(max_new_tokens=4, **greedy), loop, events=events),
+                Job([5] * 10, SamplingParams(max_new_tokens=10, **greedy), loop, events=events),  # 10 + 10 > 16
+                Job([4, 5], SamplingParams(max_new_tokens=3, **greedy), loop, events=events)]
+        engine.submit(jobs)
+        outcome = {}
+        while len(outcome) < len(jobs):
+            kind, job, value = await asyncio.wait_for(events.get(), timeout=60)
+            if kind != "token":
+                outcome[jobs.index(job)] = (kind, value)
+        return outcome
+
+    engine.start()
+    try:
+        outcome = asyncio.run(run())
+    finally:
+        engine.stop()
+    assert outcome[1][0] == "error" and outcome[1][1].startswith("max_new_tokens: got 10")
+    assert outcome[0][0] == "done" and len(outcome[0][1].token_ids) == 4
+    assert outcome[2][0] == "done" and len(outcome[2][1].token_ids) == 3
+    assert engine.running == 0
