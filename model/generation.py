@@ -32,6 +32,12 @@ from torch import Tensor
 from .gpt import GPTMoE, KVCache
 
 
+# Below this temperature, or outside these repetition penalties, float32 logits overflow into NaN
+# probabilities, which would fail every row decoding in the same batch.
+MIN_TEMPERATURE = 1e-3
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+
+
 def _fail(name: str, value, allowed: str):
     raise ValueError(f"{name}: got {value!r}; allowed: {allowed}")
 
@@ -62,11 +68,12 @@ class SamplingParams:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
                 or self.max_new_tokens < 1:
             _fail("max_new_tokens", self.max_new_tokens, "an integer >= 1")
-        number("temperature", lambda v: v >= 0, "a finite number >= 0 (0 = greedy)")
+        number("temperature", lambda v: v == 0 or v >= MIN_TEMPERATURE, f"0 (greedy) or a number >= {MIN_TEMPERATURE}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             _fail("top_k", self.top_k, "an integer >= 0 (0 = off)")
         number("top_p", lambda v: 0 < v <= 1, "a number in (0, 1] (1 = off)")
-        number("repetition_penalty", lambda v: v > 0, "a finite number > 0 (1 = off)")
+        low, high = REPETITION_PENALTY_RANGE
+        number("repetition_penalty", lambda v: low <= v <= high, f"a number from {low} to {high:g} (1 = off)")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

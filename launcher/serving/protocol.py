@@ -118,9 +118,21 @@ def _int(body, name, default, low, high=None, *, null_ok=False):
     return value
 
 
-# Below this a temperature (or, outside 0.01-100, a repetition penalty) overflows float32 logits into NaN
-# probabilities, which would fail every row decoding in the same batch.
-MIN_TEMPERATURE = 1e-3
+
+
+def _temperature(body, highest: float) -> float:
+    from model.generation import MIN_TEMPERATURE  # the decoder's own floor (lower ones overflow into NaN)
+
+    return _number(body, "temperature", 1.0, lambda v: v == 0 or MIN_TEMPERATURE <= v <= highest,
+                   f"0 (greedy) or a number from {MIN_TEMPERATURE} to {highest}")
+
+
+def _repetition_penalty(body) -> float:
+    from model.generation import REPETITION_PENALTY_RANGE
+
+    low, high = REPETITION_PENALTY_RANGE
+    return _number(body, "repetition_penalty", 1.0, lambda v: low <= v <= high,
+                   f"a number from {low} to {high:g} (1 = off)")
 
 
 def _number(body, name, default, ok, allowed):
@@ -193,11 +205,9 @@ def parse_processor(body: dict, limits: Limits) -> Completions:
     return Completions(
         prompt_field="text", budget_field="max_length", texts=texts, token_prompts=None, max_tokens=max_tokens,
         max_tokens_given=given, single=single,
-        temperature=_number(body, "temperature", 1.0, lambda v: v == 0 or MIN_TEMPERATURE <= v <= 100,
-                            f"0 (greedy) or a number from {MIN_TEMPERATURE} to 100"),
+        temperature=_temperature(body, highest=100),
         top_k=_int(body, "top_k", 0, 0), top_p=top_p if top_p > 0 else 1.0,
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, lambda v: 0.01 <= v <= 100,
-                                   "a number from 0.01 to 100 (1 = off)"),
+        repetition_penalty=_repetition_penalty(body),
         stop=_stop(body), seed=_int(body, "seed", None, 0, null_ok=True))
 
 
@@ -262,12 +272,10 @@ def parse_completions(body: dict, limits: Limits, vocab_size: int) -> Completion
     return Completions(
         prompt_field="prompt", budget_field="max_tokens", texts=texts, token_prompts=tokens,
         max_tokens=max_tokens, max_tokens_given=given, single=single, stream=stream, include_usage=include_usage,
-        temperature=_number(body, "temperature", 1.0, lambda v: v == 0 or MIN_TEMPERATURE <= v <= 2,
-                            f"0 (greedy) or a number from {MIN_TEMPERATURE} to 2"),
+        temperature=_temperature(body, highest=2),
         top_p=_number(body, "top_p", 1.0, lambda v: 0 < v <= 1, "a number in (0, 1] (1 = off)"),
         top_k=_int(body, "top_k", 0, 0, null_ok=True),
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, lambda v: 0.01 <= v <= 100,
-                                   "a number from 0.01 to 100 (1 = off)"),
+        repetition_penalty=_repetition_penalty(body),
         stop=_stop(body), seed=_int(body, "seed", None, 0, null_ok=True), model=body.get("model"))
 
 

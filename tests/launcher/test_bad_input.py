@@ -196,6 +196,7 @@ CASES = [
     ("generate-max-new-tokens", G, "{s}/no-run --max-new-tokens 0", {}, None, 2, "--max-new-tokens"),
     ("generate-top-p", G, "{s}/no-run --top-p 2", {}, None, 2, "--top-p"),
     ("generate-temperature", G, "{s}/no-run --temperature -1", {}, None, 2, "--temperature"),
+    ("generate-temperature-tiny", G, "{s}/no-run --temperature 1e-50", {}, None, 2, "--temperature: got 1e-50"),
     ("generate-top-k", G, "{s}/no-run --top-k -3", {}, None, 2, "--top-k"),
     # evaluate (the same: what needs no trained checkpoint)
     ("evaluate-missing", E, "{s}/no-run", {}, None, 2, "no complete checkpoint"),

@@ -194,7 +194,9 @@ def test_bad_requests_are_one_line_errors(model):
         decoder.add(Request([1], SamplingParams(max_new_tokens=4, stop_strings=("x",))))
     for bad in (dict(temperature=float("nan")), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),
                 dict(top_k=-1), dict(repetition_penalty=0), dict(repetition_penalty=float("inf")),
-                dict(max_new_tokens=0), dict(stop_strings=("",))):
+                dict(max_new_tokens=0), dict(stop_strings=("",)),
+                # logits / 1e-50 or * 1e6 overflow float32 into NaN probabilities, failing the whole batch
+                dict(temperature=1e-50), dict(repetition_penalty=1e-6), dict(repetition_penalty=1e6)):
         with pytest.raises(ValueError, match=f"{next(iter(bad))}: got"):
             SamplingParams(**bad)
     assert not decoder.has_work()
