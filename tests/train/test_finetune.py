@@ -153,6 +153,30 @@ def test_the_fine_tuned_ep2_checkpoint_exports_for_plain_transformers(run_b, pai
     assert user["pipeline"] == expected and user["generate"] == expected
 
 
+def test_finetuning_with_zero_2_bf16_and_full_recompute(reference_run, pairs, tmp_path):
+    """The settings pretraining offers, in fine-tuning: ZeRO 2, bf16 and full recompute, EP=2 from the EP=2
+    checkpoint. The pretrained weights arrive (the first validation is the fp32 model's, to bf16 precision),
+    training lowers the validation loss, and the best checkpoint loads for inference."""
+    from launcher.training.checkpoint import load_for_inference
+
+    proc = launch(positional(pairs, reference_run[0], epochs=1, zero="z2", ac="full"), ft_env(tmp_path, PRECISION="bf16"),
+                  *flags(), script=FINETUNE_SCRIPT)
+    run = run_dir(tmp_path)
+    cfg = json.loads((run / "run_config.json").read_text())
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert cfg["zero_stage"] == 2 and ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is True
+    assert cfg["model"]["recompute"] == "full" and cfg["model"]["ep_size"] == 2
+    valid, train = metrics(run, "valid"), metrics(run, "train")
+    model, tokenizer, _ = load_for_inference(reference_run[0])
+    assert valid[0]["loss"] == pytest.approx(target_loss(model, tokenizer, pairs[1]), rel=2e-2)
+    assert valid[max(valid)]["loss"] < valid[0]["loss"] - 0.1
+    assert all(math.isfinite(r["lm_loss"]) and r["skipped_steps"] == 0 for r in train.values())
+    model, _, tag = load_for_inference(run / "checkpoints" / "best")
+    assert target_loss(model.float(), tokenizer, pairs[1]) == pytest.approx(min(r["loss"] for r in valid.values()),
+                                                                           rel=2e-2)
+    assert "bf16" in proc.stdout
+
+
 def test_an_interrupted_run_resumes_exactly(run_a, run_b, pairs, tmp_path):
     """--exit-interval 3 saves and stops after iteration 3; the same command again resumes there (the
     fine-tuned weights, not the pretrained ones) and trains to the losses of the uninterrupted run B."""
