@@ -13,7 +13,7 @@
 #   4. fine-tuning on poetry_train.tsv (title·author -> poem, loss on the poem only), validated on
 #      poetry_dev.tsv before the first step and after each epoch;
 #   5. the dev perplexity before and after fine-tuning, and generations for the first dev prompts.
-# About 15 minutes on a 2-core machine. Everything goes under OUTPUT_BASEPATH (default runs/poetry); run it
+# About 14 minutes on a quiet 2-core machine. Everything goes under OUTPUT_BASEPATH (default runs/poetry); run it
 # again and each stage that is done is skipped (data) or reports that it is (training).
 # Sizes can be changed: POETRY_VOCAB, POETRY_PRETRAIN_TOKENS, POETRY_EPOCHS, POETRY_SAMPLES.
 set -euo pipefail
