@@ -47,7 +47,7 @@ demo: setup
 	bash examples/demo.sh
 
 # Dense vs MoE at equal training tokens on the embedded corpus: docs/compare.md and docs/compare.png
-# (every model: about 40 minutes on 2 quiet cores; runs are kept under runs/compare and reused).
+# (every model: about 30 minutes on 2 quiet cores; runs are kept under runs/compare and reused).
 compare: setup
 	$(PY) examples/compare.py
 

@@ -74,7 +74,7 @@ def test_report_and_plot_of_a_partial_comparison(compare, tmp_path):
     assert "| MoE-8 top-1 | 4321 | 3.20M | 1.30M |" in text and "next_line acc" in text
     assert "-0.100, -0.080 nats (seeds 1234, 4321; mean -0.090)" in text
     assert "of MoE-8 top-1 minus dense base (each seed's pair trains on the same sequences in the same order) 0.020 nats" in text
-    assert "dense 2x (hidden 192)" in text and "Not run here: MoE-8 expert choice, MoE-8 top-2" in text
+    assert "dense 2x (hidden 104)" in text and "Not run here: MoE-8 expert choice, MoE-8 top-2" in text
     compare.plot(rows, 4.0 + 3.0 / 8, tmp_path / "compare.png")
     assert (tmp_path / "compare.png").read_bytes().startswith(b"\x89PNG")
 
