@@ -118,8 +118,6 @@ def _int(body, name, default, low, high=None, *, null_ok=False):
     return value
 
 
-
-
 def _temperature(body, highest: float) -> float:
     from model.generation import MIN_TEMPERATURE  # the decoder's own floor (lower ones overflow into NaN)
 
