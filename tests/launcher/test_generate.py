@@ -151,7 +151,7 @@ def test_bad_input_is_one_line_and_exit_2(checkpoint, tmp_path, capsys, case):
     out = tmp_path / "out.jsonl"
     positional = [run, "nano", "4", "1", "2", "64", "0", "32", "8", prompts, out, "none"]
     argv, message = {
-        "temperature-nan": ([run, "--temperature", "nan"], "--temperature: got nan; allowed: a finite number >= 0"),
+        "temperature-nan": ([run, "--temperature", "nan"], "--temperature: got nan; allowed: 0 (greedy) or a number >= 0.001"),
         "top-p": ([run, "--top-p", "1.5"], "--top-p: got 1.5; allowed: a number in (0, 1]"),
         "top-k": ([run, "--top-k", "-3"], "--top-k: got -3; allowed: an integer >= 0"),
         "penalty": ([run, "--repetition-penalty", "inf"], "--repetition-penalty: got inf"),
