@@ -14,13 +14,14 @@ from launcher.training.signals import StartupStopped, StopRequest
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train what the run config describes; does not return: the process exits with the run's exit code."""
     join_job()  # die with the launcher's job, whatever kills it
     alone = os.environ.get(LEADER_ENV) == str(os.getpid())  # the launcher exec'd this one process
     stop = StopRequest(startup=True, hint=alone)
     try:
         stop.install()  # a stop already pending (signals were blocked until now) is raised right here
         clear_stale_build_locks_while(lambda: stop.in_startup)  # DeepSpeed compiles its ops in start-up
-        return _pretrain(argv, stop)
+        code = _pretrain(argv, stop)
     except StartupStopped as exc:
         # Nothing to save yet. One line per node; os._exit: a half-built process group must not be waited on.
         if os.environ.get("LOCAL_RANK", "0") == "0":
@@ -29,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         # Under torchrun the launcher reports the signal in its exit code; torchrun must not call it a failure.
         os._exit(128 + exc.signum if alone else 0)
+    # Everything is written and closed, and the ranks have left the process group together. Skip the
+    # interpreter's teardown: a communication thread destroyed there can still abort a finished run
+    # ("terminate called without an active exception", SIGABRT), which torchrun reports as a failure.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _pretrain(argv, stop) -> int:
