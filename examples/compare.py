@@ -15,7 +15,8 @@ line with the headline numbers last.
                                                               # top-1, which the ratio needs)
     python examples/compare.py --tokens 204800 --out /tmp/cmp --runs /tmp/cmp-runs   # a quick check
 
-Runs go under RUNS (default runs/compare) and are reused when present: delete the folder to retrain.
+Runs go under RUNS (default runs/compare) and are reused when trained by the same command (a run trained
+with other settings or tokens is an error naming it): delete the folder to retrain.
 """
 from __future__ import annotations
 
@@ -78,26 +79,29 @@ def run_name(model: Model, seed: int) -> str:
 
 
 def train(model: Model, seed: int, args) -> dict:
-    """Train one model (or find it trained); returns {"run": folder, "wall_s": training wall time}."""
+    """Train one model (or find it trained with the same command); returns {"run": folder, "wall_s": training
+    wall time, "load": the load average while it trained}."""
     from launcher.cluster import free_port
 
     run = args.runs / run_name(model, seed)
-    record = run / "compare_run.json"
-    if record.is_file():
-        saved = json.loads(record.read_text())
-        if saved.get("tokens") == args.tokens:
-            print(f"[compare] {run.name}: trained before ({saved['wall_s']:.0f} s), reused", flush=True)
-            return {"run": run, "wall_s": saved["wall_s"], "load": saved.get("load")}
     iters = args.tokens // args.tokens_per_iter
     interval = max(1, iters // EVAL_POINTS)
-    env = {k: v for k, v in os.environ.items() if k not in ("LOAD", "EP_SIZE", "SEQ_LEN", "GLOBAL_BATCH_SIZE")}
-    env.update(OUTPUT_BASEPATH=str(args.runs), TRAIN_TOKENS=str(iters * args.tokens_per_iter),
-               MASTER_PORT=str(free_port()),
-               PYTHONUNBUFFERED="1")
     cmd = ["bash", str(SCRIPT), "run", str(PROCESSES), "gpt2bpe", "tiny", model.moe, model.rt, str(MICRO_BATCH),
            "1", "none", "none", str(iters), "--run-name", run.name, "--seed", str(seed), "--split", SPLIT,
            "--eval-interval", str(interval), "--eval-iters", str(EVAL_ITERS), "--log-interval", str(interval),
            *model.flags]
+    record = run / "compare_run.json"
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("command") != cmd[2:]:
+            sys.exit(f"error: {run} was trained by another command than this comparison's "
+                     f"({' '.join(cmd[2:])}); delete it to train it again")
+        print(f"[compare] {run.name}: trained before ({saved['wall_s']:.0f} s), reused", flush=True)
+        return {"run": run, "wall_s": saved["wall_s"], "load": saved.get("load")}
+    env = {k: v for k, v in os.environ.items() if k not in ("LOAD", "EP_SIZE", "SEQ_LEN", "GLOBAL_BATCH_SIZE")}
+    env.update(OUTPUT_BASEPATH=str(args.runs), TRAIN_TOKENS=str(iters * args.tokens_per_iter),
+               MASTER_PORT=str(free_port()),
+               PYTHONUNBUFFERED="1")
     print(f"[compare] {run.name}: {' '.join(cmd[2:])}", flush=True)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
@@ -109,7 +113,7 @@ def train(model: Model, seed: int, args) -> dict:
     if proc.returncode != 0:
         sys.exit(f"error: training {run.name} failed (exit {proc.returncode}); see {log}")
     load = round((load_before + os.getloadavg()[0]) / 2, 2)
-    record.write_text(json.dumps({"tokens": args.tokens, "wall_s": wall, "load": load}) + "\n")
+    record.write_text(json.dumps({"tokens": args.tokens, "command": cmd[2:], "wall_s": wall, "load": load}) + "\n")
     print(f"[compare] {run.name}: {wall:.0f} s (load average {load})", flush=True)
     return {"run": run, "wall_s": wall, "load": load}
 
@@ -265,7 +269,8 @@ def report(rows: list[dict], summary: dict, args, started: dict, finished: dict)
         "",
         f"Written by `make compare` (`python examples/compare.py`) on {started['date']}: {args.tokens:,} training "
         f"tokens per model (one data order per seed), base: the `tiny` preset at hidden {BASE_HIDDEN} (4 layers, "
-        f"4 heads, FFN {4 * BASE_HIDDEN}, sequences of 128 tokens, global batch 16), gpt2bpe 4096-token vocabulary, the embedded stdlib corpus with "
+        f"4 heads, FFN {4 * BASE_HIDDEN}, sequences of 128 tokens, global batch 16), gpt2bpe 4096-token "
+        f"vocabulary, the embedded stdlib corpus with "
         f"`--split {SPLIT}`, {PROCESSES} CPU processes per run (expert parallel over both for MoE), the tiny "
         f"preset's learning rate and init std (0.02) for every model, its router defaults for MoE (top-1 and "
         f"top-2: expert bias, capacity factor 2; expert choice: capacity factor 1). Validation loss: the whole validation split (~10% of the "

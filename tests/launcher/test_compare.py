@@ -81,3 +81,27 @@ def test_report_and_plot_of_a_partial_comparison(compare, tmp_path):
     one_seed = compare.analyse([r for r in rows if r["seed"] == 1234])
     assert one_seed["dense_seed_spread"] is None and one_seed["moe_minus_dense"] == pytest.approx([-0.1])
     assert one_seed["diff_seed_spread"] is None
+
+
+def test_a_finished_run_is_reused_only_for_the_same_command(compare, tmp_path):
+    """A run folder trained by this comparison's command is reused without training; one trained with other
+    settings (an older base, other tokens) is an error naming it, not a silent mix of two comparisons."""
+    import argparse
+    import json
+
+    args = argparse.Namespace(tokens=32_768, tokens_per_iter=2048, runs=tmp_path)
+    model = next(m for m in compare.MODELS if m.key == "dense")
+    run = tmp_path / compare.run_name(model, 1234)
+    run.mkdir()
+    record = {"tokens": 32_768, "wall_s": 12.0, "load": 1.0}
+    (run / "compare_run.json").write_text(json.dumps(record))  # no command: written by an older comparison
+    with pytest.raises(SystemExit, match="trained by another command"):
+        compare.train(model, 1234, args)
+    command = ["run", "2", "gpt2bpe", "tiny", "none", "0", "8", "1", "none", "none", "16", "--run-name", run.name,
+               "--seed", "1234", "--split", compare.SPLIT, "--eval-interval", "1", "--eval-iters",
+               str(compare.EVAL_ITERS), "--log-interval", "1", *model.flags]
+    (run / "compare_run.json").write_text(json.dumps({**record, "command": command}))
+    assert compare.train(model, 1234, args) == {"run": run, "wall_s": 12.0, "load": 1.0}
+    args.tokens = 65_536  # other tokens: another command
+    with pytest.raises(SystemExit, match="delete it to train it again"):
+        compare.train(model, 1234, args)
