@@ -23,16 +23,16 @@ def main(argv: list[str] | None = None) -> int:
         clear_stale_build_locks_while(lambda: stop.in_startup)  # DeepSpeed compiles its ops in start-up
         code = _pretrain(argv, stop)
     except StartupStopped as exc:
-        # Nothing to save yet. One line per node; os._exit: a half-built process group must not be waited on.
+        # Nothing to save yet. One line per node.
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"{exc}: stopped during start-up, before the first iteration; nothing was saved",
                   file=sys.stderr, flush=True)
-        sys.stdout.flush()
         # Under torchrun the launcher reports the signal in its exit code; torchrun must not call it a failure.
-        os._exit(128 + exc.signum if alone else 0)
-    # Everything is written and closed, and the ranks have left the process group together. Skip the
-    # interpreter's teardown: a communication thread destroyed there can still abort a finished run
-    # ("terminate called without an active exception", SIGABRT), which torchrun reports as a failure.
+        code = 128 + exc.signum if alone else 0
+    # os._exit either way. Stopped in start-up: a half-built process group must not be waited on. Finished:
+    # everything is written and closed and the ranks have left the process group together, but a
+    # communication thread destroyed in the interpreter's teardown can still abort the process ("terminate
+    # called without an active exception", SIGABRT), which torchrun reports as a failure.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
